@@ -1,0 +1,259 @@
+"""Loading and validating TOML run configs, environment overrides, and the API key from the environment.
+
+Every default lives here. A bad value stops the run with one line naming the file and the key.
+Any setting can be overridden from the environment as ``VISION_PIPELINE_<SECTION>_<KEY>``, for
+example ``VISION_PIPELINE_LIMITS_CONCURRENCY=4``; the override is validated like the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.records import ConfigError
+
+ENV_PREFIX = "VISION_PIPELINE_"
+EMULATOR_API_KEY = "emulator"  # the in-process emulator accepts any key; this one is never secret
+PROVIDERS = ("azure", "openai", "emulator")
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointConfig:
+    provider: Literal["azure", "openai", "emulator"] = "emulator"
+    url: str = ""  # Azure: https://RESOURCE.openai.azure.com; OpenAI-compatible: the base URL (…/v1)
+    deployment: str = ""  # Azure only
+    api_version: str = "2024-02-15-preview"
+    api_key_env: str = ""  # name of the environment variable holding the key, never the key itself
+    model: str = "gpt-4-turbo"  # used for token accounting and prices
+
+
+@dataclass(frozen=True, slots=True)
+class RequestConfig:
+    system_prompt: str = "You are a careful image captioner."
+    prompt: str = "Describe this image in one paragraph."
+    detail: Literal["low", "high", "auto"] = "auto"
+    max_tokens: int = 300
+    temperature: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    requests_per_minute: int = 0  # 0: derived from tokens_per_minute at Azure's 6 RPM per 1000 TPM
+    tokens_per_minute: int = 30_000
+    concurrency: int = 16
+    max_attempts: int = 6
+    timeout_s: float = 60.0
+    max_retry_after_s: float = 120.0  # a server asking for a longer wait means the quota is gone: stop
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    grace_s: float = 30.0  # on SIGINT/SIGTERM, how long in-flight requests may take to finish
+
+
+@dataclass(frozen=True, slots=True)
+class OutputConfig:
+    rows_per_part: int = 1000
+    flush_seconds: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ImagesConfig:
+    jpeg_quality: int = 90
+    max_image_bytes: int = 20 * 1024 * 1024  # the service's limit per image
+    max_pixels: int = 100_000_000  # larger images are refused as decompression bombs
+
+
+@dataclass(frozen=True, slots=True)
+class EmulatorConfig:
+    """How the in-process emulator behaves when provider = "emulator"."""
+
+    latency_s: float = 0.0
+    fault_rate: float = 0.0  # share of requests answered 500
+    drop_rate: float = 0.0  # share of connections dropped without an answer
+    tokens_per_minute: int = 0  # 0: no quota enforced
+    requests_per_minute: int = 0
+    seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RunConfig:
+    endpoint: EndpointConfig = field(default_factory=EndpointConfig)
+    request: RequestConfig = field(default_factory=RequestConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
+    emulator: EmulatorConfig = field(default_factory=EmulatorConfig)
+    source: str = "<defaults>"  # the file it came from, for messages
+
+    @property
+    def requests_per_minute(self) -> int:
+        """The RPM budget: as configured, else Azure's ratio of 6 RPM per 1000 TPM."""
+        configured = self.limits.requests_per_minute
+        return configured if configured > 0 else max(1, self.limits.tokens_per_minute * 6 // 1000)
+
+
+_SECTION_TYPES = {
+    "endpoint": EndpointConfig,
+    "request": RequestConfig,
+    "limits": LimitsConfig,
+    "output": OutputConfig,
+    "images": ImagesConfig,
+    "emulator": EmulatorConfig,
+}
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> RunConfig:
+    """Read, override from the environment, and validate a TOML config.
+
+    Raises ConfigError naming the file and the key on any unknown key or bad value.
+    """
+    environ = os.environ if environ is None else environ
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{source}: not valid TOML: {err}") from None
+    return config_from_mapping(raw, source=source, environ=environ)
+
+
+def config_from_mapping(
+    raw: Mapping[str, Any], *, source: str = "<mapping>", environ: Mapping[str, str] | None = None
+) -> RunConfig:
+    """Validate a parsed config (as tomllib returns it) plus environment overrides."""
+    environ = {} if environ is None else environ
+    sections: dict[str, Any] = {}
+    for name in raw:
+        if name not in _SECTION_TYPES:
+            raise ConfigError(f"{source}: unknown section [{name}] (known: {', '.join(_SECTION_TYPES)})")
+    for name, section_type in _SECTION_TYPES.items():
+        values = raw.get(name, {})
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        sections[name] = _load_section(section_type, name, values, source, environ)
+    cfg = RunConfig(**sections, source=source)
+    _check(cfg)
+    return cfg
+
+
+def _load_section(
+    section_type: type, name: str, values: Mapping[str, Any], source: str, environ: Mapping[str, str]
+) -> Any:
+    hints = typing.get_type_hints(section_type)
+    known = {f.name for f in dataclasses.fields(section_type)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key {name}.{key} (known: {', '.join(sorted(known))})")
+    kwargs = {key: _coerce(hints[key], value, f"{source}: {name}.{key}") for key, value in values.items()}
+    for key in known:
+        env_name = f"{ENV_PREFIX}{name}_{key}".upper()
+        if env_name in environ:
+            kwargs[key] = _coerce(hints[key], _parse_env(environ[env_name]), f"environment {env_name}")
+    return section_type(**kwargs)
+
+
+def _parse_env(text: str) -> Any:
+    """An environment value as TOML would read it, falling back to the plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if typing.get_origin(hint) is Literal:
+        if value not in typing.get_args(hint):
+            allowed = " | ".join(map(str, typing.get_args(hint)))
+            raise ConfigError(f"{where} = {value!r}: must be one of {allowed}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} = {value!r}: must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} = {value!r}: must be a whole number")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} = {value!r}: must be a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} = {value!r}: must be a string")
+        return value
+    if isinstance(hint, types.UnionType):  # pragma: no cover - no optional settings yet
+        return value
+    raise ConfigError(f"{where}: unsupported setting type {hint}")  # pragma: no cover
+
+
+def _check(cfg: RunConfig) -> None:
+    """Cross-field and range checks: each failure names the setting."""
+    src, ep, req, lim = cfg.source, cfg.endpoint, cfg.request, cfg.limits
+    if ep.provider == "azure":
+        for key in ("url", "deployment", "api_key_env"):
+            if not getattr(ep, key):
+                raise ConfigError(f"{src}: endpoint.{key} is required when endpoint.provider = 'azure'")
+    if ep.provider == "openai" and not ep.url:
+        raise ConfigError(f"{src}: endpoint.url is required when endpoint.provider = 'openai'")
+    if ep.provider != "emulator" and not ep.url.startswith(("http://", "https://")):
+        raise ConfigError(f"{src}: endpoint.url = {ep.url!r}: must start with http:// or https://")
+    positive = {
+        "request.max_tokens": req.max_tokens,
+        "limits.tokens_per_minute": lim.tokens_per_minute,
+        "limits.concurrency": lim.concurrency,
+        "limits.max_attempts": lim.max_attempts,
+        "limits.timeout_s": lim.timeout_s,
+        "output.rows_per_part": cfg.output.rows_per_part,
+        "output.flush_seconds": cfg.output.flush_seconds,
+        "images.max_image_bytes": cfg.images.max_image_bytes,
+        "images.max_pixels": cfg.images.max_pixels,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{src}: {key} = {value}: must be greater than 0")
+    not_negative = {
+        "limits.requests_per_minute": lim.requests_per_minute,
+        "limits.backoff_initial_s": lim.backoff_initial_s,
+        "limits.backoff_max_s": lim.backoff_max_s,
+        "limits.max_retry_after_s": lim.max_retry_after_s,
+        "limits.grace_s": lim.grace_s,
+        "request.temperature": req.temperature,
+        "emulator.latency_s": cfg.emulator.latency_s,
+        "emulator.tokens_per_minute": cfg.emulator.tokens_per_minute,
+        "emulator.requests_per_minute": cfg.emulator.requests_per_minute,
+    }
+    for key, value in not_negative.items():
+        if value < 0:
+            raise ConfigError(f"{src}: {key} = {value}: must not be negative")
+    for key in ("fault_rate", "drop_rate"):
+        if not 0 <= getattr(cfg.emulator, key) <= 1:
+            raise ConfigError(f"{src}: emulator.{key} must be between 0 and 1")
+    if not 1 <= cfg.images.jpeg_quality <= 95:
+        raise ConfigError(f"{src}: images.jpeg_quality = {cfg.images.jpeg_quality}: must be 1..95")
+
+
+def api_key(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> str | None:
+    """The API key from the variable named by endpoint.api_key_env.
+
+    Raises ConfigError naming the variable (never its value) when it is required and unset. An
+    OpenAI-compatible server may need no key: leave api_key_env empty.
+    """
+    environ = os.environ if environ is None else environ
+    ep = cfg.endpoint
+    if ep.provider == "emulator":
+        return environ.get(ep.api_key_env) if ep.api_key_env else EMULATOR_API_KEY
+    if not ep.api_key_env:
+        return None
+    key = environ.get(ep.api_key_env, "").strip()
+    if not key:
+        raise ConfigError(f"{cfg.source}: endpoint.api_key_env: environment variable {ep.api_key_env} is not set")
+    return key

@@ -1,0 +1,145 @@
+"""The values that flow between stages, and the named errors every stage may raise.
+
+Records are frozen and carry no behaviour: make variants with ``dataclasses.replace``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+Detail = Literal["low", "high", "auto"]
+Status = Literal["ok", "filtered", "error"]
+
+DETAILS: tuple[Detail, ...] = ("low", "high", "auto")
+FILTER_CATEGORIES = ("hate", "self_harm", "sexual", "violence")
+
+
+@dataclass(frozen=True, slots=True)
+class ImageTask:
+    """One manifest row: what to ask about which images."""
+
+    row_id: str
+    images: tuple[str, ...]  # references exactly as the manifest gave them
+    prompt: str
+    detail: Detail
+    line: int  # 1-based data row (CSV/JSONL line, Parquet row, folder entry) for error messages
+    extra: Mapping[str, str | None] = field(default_factory=dict)  # passed through to the output
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedImage:
+    """An image ready for the wire: the URL to send and the size the model will view."""
+
+    url: str  # an http(s) URL as given, or a data: URL; never log it whole
+    width: int | None  # None when the size is unknown (remote image not fetched)
+    height: int | None
+    source_bytes: int | None = None
+    sent_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class CategoryFilter:
+    filtered: bool
+    severity: str | None  # safe | low | medium | high, as the service sends it
+
+
+@dataclass(frozen=True, slots=True)
+class FilterResult:
+    """Azure content-filter annotations for a prompt or a completion; a missing category is None."""
+
+    hate: CategoryFilter | None = None
+    self_harm: CategoryFilter | None = None
+    sexual: CategoryFilter | None = None
+    violence: CategoryFilter | None = None
+
+    @property
+    def is_filtered(self) -> bool:
+        return any(c is not None and c.filtered for c in (self.hate, self.self_harm, self.sexual, self.violence))
+
+
+@dataclass(frozen=True, slots=True)
+class VisionResult:
+    """The outcome of one row: what gets committed to the output, success or not."""
+
+    task: ImageTask
+    status: Status
+    model: str
+    estimated_prompt_tokens: int | None = None
+    description: str | None = None
+    finish_reason: str | None = None
+    response_id: str | None = None
+    usage: Usage | None = None
+    cost_usd: float | None = None
+    prompt_filter: FilterResult | None = None
+    completion_filter: FilterResult | None = None
+    attempts: int = 0
+    latency_s: float | None = None
+    started_at: float | None = None  # epoch seconds, for the row's timestamps only
+    finished_at: float | None = None
+    http_status: int | None = None
+    error: str | None = None
+
+
+# Errors. Row errors fail one row, which is committed with status "error"; run errors end the run.
+# Every message is one line that names the row, the file or the setting, and never a key or a data URL.
+
+
+class RowError(Exception):
+    """This row cannot be served; the run goes on."""
+
+    def __init__(self, row_id: str, message: str) -> None:
+        super().__init__(f"row {row_id!r}: {message}")
+        self.row_id = row_id
+        self.reason = message
+
+
+class ManifestError(RowError):
+    def __init__(self, row_id: str, message: str, *, file: str, line: int) -> None:
+        RowError.__init__(self, row_id, f"{file} line {line}: {message}")
+        self.file = file
+        self.line = line
+
+
+class ImageError(RowError):
+    def __init__(self, row_id: str, message: str, *, path: str) -> None:
+        RowError.__init__(self, row_id, f"image {path!r}: {message}")
+        self.path = path
+
+
+class ApiError(RowError):
+    """The endpoint refused or failed this row, after any retries."""
+
+    def __init__(
+        self,
+        row_id: str,
+        message: str,
+        *,
+        status: int | None,
+        code: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        RowError.__init__(self, row_id, message)
+        self.status = status
+        self.code = code
+        self.retry_after_s = retry_after_s
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message names the file and the key."""
+
+
+class RunAborted(Exception):
+    """The endpoint refuses us for every row (bad key, wrong deployment or route, quota gone)."""
+
+    def __init__(self, message: str, *, http_status: int | None = None) -> None:
+        super().__init__(message)
+        self.http_status = http_status
