@@ -126,11 +126,13 @@ class ApiError(RowError):
         status: int | None,
         code: str | None = None,
         retry_after_s: float | None = None,
+        attempts: int = 0,
     ) -> None:
         RowError.__init__(self, row_id, message)
         self.status = status
         self.code = code
         self.retry_after_s = retry_after_s
+        self.attempts = attempts  # requests sent for this row; 0 when it was refused before sending
 
 
 class ConfigError(Exception):

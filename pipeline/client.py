@@ -1,0 +1,332 @@
+"""Building the chat request, sending it with aiohttp, classifying answers, retrying, parsing responses.
+
+The pure parts (``endpoint_for``, ``build_body``, ``classify``, ``retry_after_s``, ``backoff_s``,
+``parse_answer``) take values and return values, so the tests, the estimate and the run share them.
+``caption`` is the one place that talks to the network, and the one retry loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import random
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import aiohttp
+
+from pipeline.config import EndpointConfig, LimitsConfig, RequestConfig
+from pipeline.limits import Limits
+from pipeline.records import (
+    FILTER_CATEGORIES,
+    ApiError,
+    CategoryFilter,
+    FilterResult,
+    ImageTask,
+    PreparedImage,
+    RunAborted,
+    Usage,
+)
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUSES = frozenset({408, 409, 429})  # and every 5xx, as openai-python does
+FATAL_STATUSES = frozenset({401, 403, 404})  # wrong key, no access, wrong deployment or route
+ERROR_TEXT_CHARS = 300  # how much of an unexpected error body goes into a row's error column
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where to POST and with which headers; the only difference between Azure and OpenAI."""
+
+    url: str
+    headers: Mapping[str, str]
+    sends_model: bool  # OpenAI-style routes take the model in the body; Azure takes the deployment in the URL
+    key_env: str  # the variable the key came from, named when the key is refused
+
+    def __repr__(self) -> str:  # the headers hold the key: never print them
+        return f"Endpoint(url={self.url!r})"
+
+
+def endpoint_for(cfg: EndpointConfig, api_key: str | None) -> Endpoint:
+    """The URL and headers for a provider (reference: "Call the Chat Completion APIs").
+
+    Azure: ``{url}/openai/deployments/{deployment}/chat/completions?api-version=…`` with ``api-key``.
+    OpenAI and compatible servers: ``{url}/chat/completions`` with ``Authorization: Bearer`` when a key
+    is set. The emulator speaks the Azure route.
+    """
+    base = cfg.url.rstrip("/")
+    if cfg.provider in ("azure", "emulator"):
+        url = f"{base}/openai/deployments/{cfg.deployment}/chat/completions?api-version={cfg.api_version}"
+        return Endpoint(url, {"api-key": api_key or ""}, sends_model=False, key_env=cfg.api_key_env)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return Endpoint(f"{base}/chat/completions", headers, sends_model=True, key_env=cfg.api_key_env)
+
+
+def build_body(
+    task: ImageTask, images: Sequence[PreparedImage], request: RequestConfig, model: str | None
+) -> dict[str, Any]:
+    """The chat-completions body for one row: system prompt, the row's prompt, its images, max_tokens.
+
+    `model` goes into the body for OpenAI-style routes and is None for Azure.
+    """
+    content: list[dict[str, Any]] = [{"type": "text", "text": task.prompt}]
+    content += [{"type": "image_url", "image_url": {"url": image.url, "detail": task.detail}} for image in images]
+    messages: list[dict[str, Any]] = []
+    if request.system_prompt:
+        messages.append({"role": "system", "content": request.system_prompt})
+    messages.append({"role": "user", "content": content})
+    # the reference: "Remember to set a max_tokens value, or the return output will be cut off"
+    body: dict[str, Any] = {"messages": messages, "max_tokens": request.max_tokens, "temperature": request.temperature}
+    if model is not None:
+        body["model"] = model
+    return body
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What one HTTP answer means for this row."""
+
+    action: Literal["done", "filtered", "retry", "fail", "abort"]
+    wait_s: float | None = None  # what the server asked for, if it asked
+
+
+def classify(status: int, headers: Mapping[str, str], body: object, *, now: float) -> Verdict:
+    """Classify an answer. Pure: the retry loop and the tests share it. `now` is epoch seconds."""
+    if status == 200:
+        return Verdict("done") if isinstance(body, Mapping) and "choices" in body else Verdict("retry")
+    if status == 400 and error_code(body) == "content_filter":
+        return Verdict("filtered")  # the filter's answer is a result, not a fault
+    if status in FATAL_STATUSES:
+        return Verdict("abort")
+    if status in RETRYABLE_STATUSES or status >= 500:
+        return Verdict("retry", retry_after_s(headers, now=now))
+    return Verdict("fail")  # 400, 413, 422 …: this row is wrong, sending it again will not help
+
+
+def error_code(body: object) -> str | None:
+    """`error.code` of an error body, or None."""
+    if isinstance(body, Mapping) and isinstance(body.get("error"), Mapping):
+        code = body["error"].get("code")
+        return str(code) if code is not None else None
+    return None
+
+
+def error_message(body: object, text: str) -> str:
+    """A one-line reason from an error body, short enough for a Parquet cell."""
+    if isinstance(body, Mapping) and isinstance(body.get("error"), Mapping):
+        text = str(body["error"].get("message") or body["error"].get("code") or text)
+    return " ".join(text.split())[:ERROR_TEXT_CHARS]
+
+
+_DURATION = re.compile(r"(?P<n>\d+(?:\.\d+)?)(?P<unit>ms|s|m|h)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def retry_after_s(headers: Mapping[str, str], *, now: float) -> float | None:
+    """How long the server asked us to wait, in seconds, or None.
+
+    Reads ``retry-after-ms`` before ``retry-after`` (seconds or an HTTP date), as the official SDK does,
+    then OpenAI's ``x-ratelimit-reset-requests`` / ``-tokens`` durations such as "6m0s" or "20ms"
+    (the longer of the two). `headers` lookups must be case-insensitive (aiohttp's are).
+    """
+    if (value := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(0.0, float(value) / 1000)
+        except ValueError:
+            pass
+    if (value := headers.get("retry-after")) is not None:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            parsed = email.utils.parsedate_tz(value)
+            if parsed is not None:
+                return max(0.0, email.utils.mktime_tz(parsed) - now)
+    resets = [_parse_duration(headers.get(name, "")) for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")]
+    known = [r for r in resets if r is not None]
+    return max(known) if known else None
+
+
+def _parse_duration(text: str) -> float | None:
+    parts = _DURATION.findall(text.strip())
+    if not parts or "".join(n + u for n, u in parts) != text.strip():
+        return None
+    return sum(float(n) * _UNIT_S[u] for n, u in parts)
+
+
+def backoff_s(attempt: int, limits: LimitsConfig, rng: random.Random) -> float:
+    """Exponential backoff with full jitter before retry number `attempt` (1 = first retry)."""
+    ceiling = min(limits.backoff_max_s, limits.backoff_initial_s * 2 ** (attempt - 1))
+    return rng.uniform(0, ceiling)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The useful part of a chat-completions response, or of a content-filter refusal."""
+
+    description: str | None
+    finish_reason: str | None
+    response_id: str | None
+    model: str | None
+    usage: Usage | None
+    prompt_filter: FilterResult | None
+    completion_filter: FilterResult | None
+
+
+def parse_answer(body: Mapping[str, Any]) -> Answer:
+    """Parse a 200 response (Azure or OpenAI shape) or a 400 content_filter refusal."""
+    if "error" in body:  # a prompt refused by the content filter
+        inner = body["error"].get("innererror") or {}
+        return Answer(None, "content_filter", None, None, None, parse_filter(inner.get("content_filter_result")), None)
+    choice = (body.get("choices") or [{}])[0]
+    prompt_results = body.get("prompt_filter_results") or body.get("prompt_annotations") or []
+    usage = body.get("usage") or None
+    return Answer(
+        description=(choice.get("message") or {}).get("content"),
+        finish_reason=finish_reason_text(choice.get("finish_reason")),
+        response_id=body.get("id"),
+        model=body.get("model"),
+        usage=Usage(
+            int(usage.get("prompt_tokens") or 0),
+            int(usage.get("completion_tokens") or 0),
+            int(usage.get("total_tokens") or 0),
+        )
+        if usage
+        else None,
+        prompt_filter=parse_filter(prompt_results[0].get("content_filter_results")) if prompt_results else None,
+        completion_filter=parse_filter(choice.get("content_filter_results")),
+    )
+
+
+def finish_reason_text(value: object) -> str | None:
+    """finish_reason as a string: some Azure deployments send it as an object {"type": "stop", ...}."""
+    if isinstance(value, Mapping):
+        value = value.get("type")
+    return None if value is None else str(value)
+
+
+def parse_filter(results: object) -> FilterResult | None:
+    """Content-filter annotations (hate, self_harm, sexual, violence) into a typed record."""
+    if not isinstance(results, Mapping):
+        return None
+    categories = {}
+    for name in FILTER_CATEGORIES:
+        entry = results.get(name)
+        if isinstance(entry, Mapping):
+            categories[name] = CategoryFilter(bool(entry.get("filtered", False)), entry.get("severity"))
+    return FilterResult(**categories)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    headers: Mapping[str, str]
+    body: object  # parsed JSON, or None when the body was not JSON
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the retry loop ends with for a row that got an answer."""
+
+    status: Literal["ok", "filtered"]
+    answer: Answer
+    attempts: int
+    http_status: int
+
+
+class Client:
+    """Sends rows to one endpoint over one aiohttp session, under the run's shared budgets."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, endpoint: Endpoint, limits: Limits, cfg: LimitsConfig, rng: random.Random
+    ) -> None:
+        self._session = session
+        self.endpoint = endpoint
+        self.limits = limits
+        self._cfg = cfg
+        self._rng = rng
+
+    async def caption(self, task: ImageTask, body: Mapping[str, Any], reserve_tokens: int) -> Outcome:
+        """Send one row, retrying what is worth retrying, and return its answer.
+
+        Every attempt first reserves 1 request and `reserve_tokens` from the shared budgets. A 429 pauses
+        every worker for the time the server gave. Raises ApiError when the row fails (not retryable, or
+        out of attempts) and RunAborted when no row can succeed (bad key, wrong deployment, quota gone).
+        """
+        cfg = self._cfg
+        last_reason, last_status = "no attempt made", None
+        for attempt in range(1, cfg.max_attempts + 1):
+            reservation = await self.limits.acquire(reserve_tokens)
+            try:
+                reply = await self._post(body)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+                reply, verdict = None, Verdict("retry")
+                last_status, last_reason = None, _describe_exception(err, cfg.timeout_s)
+            else:
+                self.limits.observe(reply.headers)
+                verdict = classify(reply.status, reply.headers, reply.body, now=time.time())
+                last_status, last_reason = reply.status, f"HTTP {reply.status}: {error_message(reply.body, reply.text)}"
+            if reply is not None and verdict.action in ("done", "filtered"):
+                answer = parse_answer(reply.body)  # type: ignore[arg-type]  # classify checked its shape
+                if answer.usage is not None:  # the server's own count replaces our estimate in the window
+                    self.limits.settle(reservation, answer.usage.prompt_tokens + int(body.get("max_tokens", 0)))
+                is_filtered = verdict.action == "filtered" or answer.finish_reason == "content_filter"
+                return Outcome("filtered" if is_filtered else "ok", answer, attempt, reply.status)
+            if reply is not None and verdict.action == "abort":
+                raise RunAborted(self._abort_message(reply), http_status=reply.status)
+            if reply is not None and verdict.action == "fail":
+                raise ApiError(
+                    task.row_id, last_reason, status=last_status, code=error_code(reply.body), attempts=attempt
+                )
+            if verdict.wait_s is not None and verdict.wait_s > cfg.max_retry_after_s:
+                raise RunAborted(
+                    f"the endpoint asks us to wait {verdict.wait_s:.0f} s, more than limits.max_retry_after_s = "
+                    f"{cfg.max_retry_after_s:.0f} s: the quota is used up ({last_reason})",
+                    http_status=last_status,
+                )
+            if attempt == cfg.max_attempts:
+                break
+            wait_s = verdict.wait_s if verdict.wait_s is not None else backoff_s(attempt, cfg, self._rng)
+            if last_status == 429:
+                log.info("429 from the endpoint: pausing every worker for %.2f s", wait_s)
+                self.limits.pause(wait_s)  # every worker waits: the quota is shared
+            else:
+                await asyncio.sleep(wait_s)
+        raise ApiError(
+            task.row_id,
+            f"gave up after {cfg.max_attempts} attempts; last: {last_reason}",
+            status=last_status,
+            attempts=cfg.max_attempts,
+        )
+
+    async def _post(self, body: Mapping[str, Any]) -> Reply:
+        timeout = aiohttp.ClientTimeout(total=self._cfg.timeout_s)
+        async with self._session.post(
+            self.endpoint.url, json=body, headers=self.endpoint.headers, timeout=timeout
+        ) as response:
+            text = await response.text()
+        try:
+            parsed: object = json.loads(text)
+        except ValueError:
+            parsed = None  # a proxy's HTML error page, a truncated body: classify retries a 200 like this
+        return Reply(response.status, response.headers, parsed, text)
+
+    def _abort_message(self, reply: Reply) -> str:
+        reason = error_message(reply.body, reply.text)
+        if reply.status in (401, 403):
+            key = self.endpoint.key_env
+            what = f"the key in ${key} (endpoint.api_key_env)" if key else "us: endpoint.api_key_env is empty, no key sent"
+            return f"HTTP {reply.status}: the endpoint refused {what}: {reason}"
+        return f"HTTP 404: no such deployment or route, check endpoint.url and endpoint.deployment: {reason}"
+
+
+def _describe_exception(err: BaseException, timeout_s: float) -> str:
+    if isinstance(err, asyncio.TimeoutError):
+        return f"no answer within limits.timeout_s = {timeout_s:g} s"
+    return f"connection error: {type(err).__name__}: {' '.join(str(err).split())[:ERROR_TEXT_CHARS]}"

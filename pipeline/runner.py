@@ -1,0 +1,351 @@
+"""Wiring the stages together: one producer, a bounded queue, N workers, one sink, under one TaskGroup.
+
+Lifecycle: open the output (skip committed ids), start the emulator when asked, caption every row,
+commit, write ``_stats.json``. SIGINT/SIGTERM stop the producer, give in-flight requests
+``limits.grace_s`` to finish, flush, and exit 130; a second signal cancels in-flight requests at once
+(still committing every finished row).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+import aiohttp
+
+from pipeline import checkpoint
+from pipeline.client import Client, Outcome, build_body, endpoint_for
+from pipeline.config import RunConfig, api_key
+from pipeline.images import prepare_image
+from pipeline.limits import Limits
+from pipeline.manifest import manifest_base_dir, read_manifest
+from pipeline.pricing import Price, load_prices, price_for, usage_cost_usd
+from pipeline.records import (
+    ApiError,
+    ConfigError,
+    ImageTask,
+    ManifestError,
+    PreparedImage,
+    RowError,
+    RunAborted,
+    VisionResult,
+)
+from pipeline.sink import STATS_FILE, Sink, write_json_atomic
+from pipeline.tokens import count_prompt_tokens
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0  # every row ok or filtered
+EXIT_ROW_ERRORS = 1  # some rows ended in error (they are committed with the reason)
+EXIT_USAGE = 2  # bad usage or config
+EXIT_REFUSED = 3  # the endpoint refused us: key, deployment, route, or a quota that is gone
+EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM
+
+MANIFEST_BATCH_ROWS = 256  # rows read per thread hop
+QUEUE_ROWS_PER_WORKER = 2
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    manifest: Path
+    output: Path
+    limit: int | None = None  # send at most this many new rows
+    handle_signals: bool = True  # off when embedded in another program's loop
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    output: Path
+    run_id: str
+    counts: dict[str, int]  # rows committed this run by status: ok, filtered, error
+    skipped: int  # rows already committed by an earlier run
+    duplicates: int  # manifest rows whose id was seen before in this manifest
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float | None
+    retries: int
+    pauses: int  # 429 cool-downs
+    paused_s: float
+    duration_s: float
+    exit_code: int
+    stopped_because: str | None = None  # why the run ended early, one line
+
+    @property
+    def rows(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass
+class _Tally:
+    """Counters of this run, updated by the workers."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    skipped: int = 0
+    duplicates: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    retries: int = 0
+
+    def add(self, result: VisionResult) -> None:
+        self.counts[result.status] += 1
+        self.retries += max(0, result.attempts - 1)
+        if result.usage is not None:
+            self.prompt_tokens += result.usage.prompt_tokens
+            self.completion_tokens += result.usage.completion_tokens
+        if result.cost_usd is not None:
+            self.cost_usd += result.cost_usd
+
+
+async def run(cfg: RunConfig, options: RunOptions) -> RunSummary:
+    """Caption every row of the manifest not yet committed in the output.
+
+    Raises ConfigError for bad settings, before anything is sent, and OSError when the output cannot be
+    written. Every other way a run ends is in the summary's exit_code and stopped_because.
+    """
+    key = api_key(cfg)  # a missing key stops us before the output is touched
+    loop = asyncio.get_running_loop()
+    started_at, started = time.time(), loop.time()
+    run_id = checkpoint.new_run_id(started_at)
+    committed = await asyncio.to_thread(
+        checkpoint.open_output, options.output, cfg, options.manifest, run_id, started_at
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        if cfg.endpoint.provider == "emulator":
+            cfg = await _start_emulator(cfg, key, stack)
+        limits = Limits(cfg.limits.tokens_per_minute, cfg.requests_per_minute)
+        connector = aiohttp.TCPConnector(limit=cfg.limits.concurrency)
+        session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
+        client = Client(session, endpoint_for(cfg.endpoint, key), limits, cfg.limits, random.Random())
+        stages = _Stages(cfg, options, client, Sink(options.output, cfg.output, run_id), committed)
+        await stages.run()
+    tally = stages.tally
+    summary = RunSummary(
+        output=options.output,
+        run_id=run_id,
+        counts={status: tally.counts.get(status, 0) for status in ("ok", "filtered", "error")},
+        skipped=tally.skipped,
+        duplicates=tally.duplicates,
+        prompt_tokens=tally.prompt_tokens,
+        completion_tokens=tally.completion_tokens,
+        cost_usd=round(tally.cost_usd, 6) if stages.price else None,
+        retries=tally.retries,
+        pauses=limits.pauses,
+        paused_s=round(limits.paused_s, 3),
+        duration_s=round(loop.time() - started, 3),
+        exit_code=stages.exit_code(),
+        stopped_because=stages.stopped_because,
+    )
+    stats = {**dataclasses.asdict(summary), "output": str(summary.output), "rows": summary.rows}
+    await asyncio.to_thread(write_json_atomic, options.output / STATS_FILE, stats)
+    return summary
+
+
+def _price_or_none(model: str) -> Price | None:
+    try:
+        return price_for(model, load_prices())
+    except ConfigError as err:
+        log.warning("costs will not be computed: %s", err)
+        return None
+
+
+async def _start_emulator(cfg: RunConfig, key: str | None, stack: contextlib.AsyncExitStack) -> RunConfig:
+    from pipeline.emulator import Emulator  # only this provider needs the server code
+
+    deployment = cfg.endpoint.deployment or "gpt-4-vision"
+    emulator = await stack.enter_async_context(
+        Emulator(cfg.emulator, api_key=key or "", deployment=deployment, model=cfg.endpoint.model)
+    )
+    log.info("emulator listening on %s", emulator.url)
+    endpoint = dataclasses.replace(cfg.endpoint, url=emulator.url, deployment=deployment)
+    return dataclasses.replace(cfg, endpoint=endpoint)
+
+
+class _Stages:
+    """One run's producer, workers and sink, and how they stop."""
+
+    def __init__(
+        self, cfg: RunConfig, options: RunOptions, client: Client, sink: Sink, committed: set[str]
+    ) -> None:
+        self.cfg = cfg
+        self.options = options
+        self.client = client
+        self.sink = sink
+        self.committed = committed  # ids committed before, plus every id taken up in this run
+        self.taken: set[str] = set()  # ids taken up in this run, to tell duplicates from resumed rows
+        self.price = _price_or_none(cfg.endpoint.model)
+        self.base_dir = manifest_base_dir(options.manifest)
+        self.model_in_body = cfg.endpoint.model if client.endpoint.sends_model else None
+        self.tally = _Tally()
+        self.queue: asyncio.Queue[ImageTask | None] = asyncio.Queue(QUEUE_ROWS_PER_WORKER * cfg.limits.concurrency)
+        self.stopping = asyncio.Event()  # a signal came: read no more rows
+        self.tasks: list[asyncio.Task[None]] = []
+        self.stopped_because: str | None = None
+        self.stop_code: int | None = None
+
+    def exit_code(self) -> int:
+        if self.stop_code is not None:
+            return self.stop_code
+        return EXIT_ROW_ERRORS if self.tally.counts["error"] else EXIT_OK
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGINT, signal.SIGTERM) if self.options.handle_signals else ()
+        for sig in signals:
+            loop.add_signal_handler(sig, self.on_signal, sig.name)
+        workers_done = asyncio.Event()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.sink.flush_every(self.cfg.output.flush_seconds, workers_done), name="flusher")
+                workers = [tg.create_task(self.work(), name=f"worker-{n}") for n in range(self.cfg.limits.concurrency)]
+                self.tasks = [*workers, tg.create_task(self.produce(), name="producer")]
+                await asyncio.wait(workers)
+                workers_done.set()
+        except* RunAborted as group:
+            log.error("run stopped: %s", group.exceptions[0])
+            self.stop_code, self.stopped_because = EXIT_REFUSED, str(group.exceptions[0])
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            async with asyncio.timeout(self.cfg.limits.grace_s):
+                await self.sink.flush()  # every finished row is committed, however the run ends
+
+    def on_signal(self, signame: str) -> None:
+        if self.stopping.is_set():
+            log.warning("%s again: cancelling in-flight rows now", signame)
+            self.cancel()
+            return
+        grace_s = self.cfg.limits.grace_s
+        log.warning("%s: reading no more rows; in-flight rows get %g s to finish, then commit", signame, grace_s)
+        self.stopping.set()
+        self.stop_code, self.stopped_because = EXIT_INTERRUPTED, f"interrupted by {signame}"
+        asyncio.get_running_loop().call_later(grace_s, self.cancel)
+
+    def cancel(self) -> None:
+        for task in self.tasks:
+            task.cancel()  # a cancelled row is not committed: the next run sends it again
+
+    async def commit(self, result: VisionResult) -> None:
+        self.tally.add(result)
+        await self.sink.put(result)
+
+    async def produce(self) -> None:
+        """Queue each manifest row that is neither committed nor a duplicate; then one stop per worker."""
+        limit = self.options.limit
+        async for item in _stream_manifest(self.options.manifest, self.cfg):
+            if self.stopping.is_set() or (limit is not None and len(self.taken) >= limit):
+                break
+            if item.row_id in self.committed:
+                if item.row_id in self.taken:
+                    self.tally.duplicates += 1
+                    log.warning("row %r: duplicate id again at manifest line %d, ignored", item.row_id, item.line)
+                else:
+                    self.tally.skipped += 1
+                continue
+            self.committed.add(item.row_id)
+            self.taken.add(item.row_id)
+            if isinstance(item, ManifestError):
+                log.warning("%s", item)
+                await self.commit(_manifest_failure(item, self.cfg))
+            else:
+                await self.queue.put(item)  # waits while the workers are busy: back-pressure
+        for _ in range(self.cfg.limits.concurrency):
+            await self.queue.put(None)
+
+    async def work(self) -> None:
+        while (task := await self.queue.get()) is not None:
+            if self.stopping.is_set():
+                continue  # drain without sending: these rows stay uncommitted for the next run
+            await self.commit(await self.serve(task))
+
+    async def serve(self, task: ImageTask) -> VisionResult:
+        """One row from images to answer; a row's failure becomes its result, a run's failure raises."""
+        cfg, loop = self.cfg, asyncio.get_running_loop()
+        started_at, started = time.time(), loop.time()
+        estimated: int | None = None
+        try:
+            images = await asyncio.to_thread(_prepare_images, task, self.base_dir, cfg)
+            body = build_body(task, images, cfg.request, self.model_in_body)
+            sizes = [(i.width, i.height) if i.width and i.height else None for i in images]
+            estimated = count_prompt_tokens(body["messages"], sizes, cfg.endpoint.model)
+            reserve = estimated + cfg.request.max_tokens
+            if not self.client.limits.admits(reserve):
+                raise ApiError(
+                    task.row_id,
+                    f"needs {reserve} tokens (prompt {estimated} + max_tokens {cfg.request.max_tokens}), more "
+                    f"than limits.tokens_per_minute = {cfg.limits.tokens_per_minute}; not sent",
+                    status=None,
+                )
+            result = _answered(task, await self.client.caption(task, body, reserve), cfg, estimated, self.price)
+        except RunAborted:
+            raise
+        except RowError as err:
+            result = _failed(task, err, cfg, estimated)
+        except Exception as err:  # a surprise fails this row, not the run
+            log.exception("row %r: unexpected error", task.row_id)
+            result = _failed(task, RowError(task.row_id, f"unexpected {type(err).__name__}: {err}"), cfg, estimated)
+        return dataclasses.replace(
+            result, started_at=started_at, finished_at=time.time(), latency_s=round(loop.time() - started, 4)
+        )
+
+
+async def _stream_manifest(path: Path, cfg: RunConfig) -> AsyncIterator[ImageTask | ManifestError]:
+    """The manifest's rows, read in a thread a batch at a time so the loop never waits on the disk."""
+    rows: Iterator[ImageTask | ManifestError] = read_manifest(path, cfg.request)
+    while batch := await asyncio.to_thread(lambda: list(islice(rows, MANIFEST_BATCH_ROWS))):
+        for item in batch:
+            yield item
+
+
+def _prepare_images(task: ImageTask, base_dir: Path, cfg: RunConfig) -> list[PreparedImage]:
+    return [
+        prepare_image(ref, base_dir=base_dir, detail=task.detail, cfg=cfg.images, row_id=task.row_id)
+        for ref in task.images
+    ]
+
+
+def _answered(
+    task: ImageTask, outcome: Outcome, cfg: RunConfig, estimated: int, price: Price | None
+) -> VisionResult:
+    answer = outcome.answer
+    return VisionResult(
+        task=task,
+        status=outcome.status,
+        model=answer.model or cfg.endpoint.model,
+        estimated_prompt_tokens=estimated,
+        description=answer.description,
+        finish_reason=answer.finish_reason,
+        response_id=answer.response_id,
+        usage=answer.usage,
+        cost_usd=usage_cost_usd(answer.usage, price) if answer.usage and price else None,
+        prompt_filter=answer.prompt_filter,
+        completion_filter=answer.completion_filter,
+        attempts=outcome.attempts,
+        http_status=outcome.http_status,
+    )
+
+
+def _failed(task: ImageTask, err: RowError, cfg: RunConfig, estimated: int | None) -> VisionResult:
+    return VisionResult(
+        task=task,
+        status="error",
+        model=cfg.endpoint.model,
+        estimated_prompt_tokens=estimated,
+        attempts=err.attempts if isinstance(err, ApiError) else 0,
+        http_status=err.status if isinstance(err, ApiError) else None,
+        error=err.reason,
+    )
+
+
+def _manifest_failure(err: ManifestError, cfg: RunConfig) -> VisionResult:
+    task = ImageTask(row_id=err.row_id, images=(), prompt="", detail=cfg.request.detail, line=err.line)
+    return VisionResult(task=task, status="error", model=cfg.endpoint.model, error=err.reason)

@@ -1,0 +1,258 @@
+"""The output dataset: the Parquet schema (defined here and nowhere else), buffering, atomic part files.
+
+A row is committed when the part file holding it is renamed into place: written under a temporary
+name that starts with a dot (readers skip those), flushed, fsynced, renamed, and the folder fsynced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from pipeline.config import OutputConfig
+from pipeline.records import FILTER_CATEGORIES, FilterResult, VisionResult
+
+PART_GLOB = "part-*.parquet"
+TEMP_PREFIX = ".tmp-"  # pyarrow.dataset, DuckDB and Spark all skip files starting with "." or "_"
+RUN_FILE = "_run.json"
+STATS_FILE = "_stats.json"
+
+_CATEGORY = pa.struct([("filtered", pa.bool_()), ("severity", pa.string())])
+FILTER_TYPE = pa.struct([(name, _CATEGORY) for name in FILTER_CATEGORIES])
+TIMESTAMP = pa.timestamp("ms", tz="UTC")
+
+SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("image", pa.string()),  # the first image reference as the manifest gave it, never a data URL
+        pa.field("images", pa.list_(pa.string())),  # all of them, for rows with several
+        pa.field("prompt", pa.string()),
+        pa.field("detail", pa.string()),
+        pa.field("status", pa.string(), nullable=False),  # ok | filtered | error
+        pa.field("description", pa.string()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("response_id", pa.string()),
+        pa.field("prompt_tokens", pa.int64()),
+        pa.field("completion_tokens", pa.int64()),
+        pa.field("total_tokens", pa.int64()),
+        pa.field("estimated_prompt_tokens", pa.int64()),
+        pa.field("cost_usd", pa.float64()),
+        pa.field("prompt_filter", FILTER_TYPE),
+        pa.field("completion_filter", FILTER_TYPE),
+        pa.field("attempts", pa.int32()),
+        pa.field("latency_s", pa.float64()),
+        pa.field("started_at", TIMESTAMP),
+        pa.field("finished_at", TIMESTAMP),
+        pa.field("http_status", pa.int32()),
+        pa.field("error", pa.string()),
+        pa.field("run_id", pa.string()),
+    ]
+)
+BASE_COLUMNS = frozenset(SCHEMA.names)
+
+
+def _filter_value(result: FilterResult | None) -> dict[str, Any] | None:
+    if result is None:
+        return None
+    categories = {name: getattr(result, name) for name in FILTER_CATEGORIES}
+    return {
+        name: None if c is None else {"filtered": c.filtered, "severity": c.severity} for name, c in categories.items()
+    }
+
+
+def _millis(epoch_s: float | None) -> int | None:
+    return None if epoch_s is None else round(epoch_s * 1000)
+
+
+def result_to_row(result: VisionResult, run_id: str) -> dict[str, Any]:
+    """One output row (a plain dict keyed by column) from a result. Pure."""
+    task, usage = result.task, result.usage
+    row: dict[str, Any] = {
+        "id": task.row_id,
+        "image": task.images[0] if task.images else None,
+        "images": list(task.images),
+        "prompt": task.prompt,
+        "detail": task.detail,
+        "status": result.status,
+        "description": result.description,
+        "finish_reason": result.finish_reason,
+        "model": result.model,
+        "response_id": result.response_id,
+        "prompt_tokens": usage.prompt_tokens if usage else None,
+        "completion_tokens": usage.completion_tokens if usage else None,
+        "total_tokens": usage.total_tokens if usage else None,
+        "estimated_prompt_tokens": result.estimated_prompt_tokens,
+        "cost_usd": result.cost_usd,
+        "prompt_filter": _filter_value(result.prompt_filter),
+        "completion_filter": _filter_value(result.completion_filter),
+        "attempts": result.attempts,
+        "latency_s": result.latency_s,
+        "started_at": _millis(result.started_at),
+        "finished_at": _millis(result.finished_at),
+        "http_status": result.http_status,
+        "error": result.error,
+        "run_id": run_id,
+    }
+    for name, value in task.extra.items():
+        if name not in BASE_COLUMNS:  # a manifest column never shadows one of ours
+            row[name] = value
+    return row
+
+
+def schema_with_extras(extra_columns: Iterable[str]) -> pa.Schema:
+    """The output schema: ours, then the manifest's extra columns as strings."""
+    schema = SCHEMA
+    for name in extra_columns:
+        if name not in BASE_COLUMNS:
+            schema = schema.append(pa.field(name, pa.string()))
+    return schema
+
+
+def rows_to_table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows as an Arrow table of `schema`; missing extra columns are null. Pure."""
+    return pa.Table.from_pylist([dict(row) for row in rows], schema=schema)
+
+
+def write_part(output: Path, name: str, table: pa.Table) -> Path:
+    """Commit `table` as part file `name`: temp file, fsync, rename, fsync the folder. Blocking."""
+    final = output / name
+    temp = output / f"{TEMP_PREFIX}{name}"
+    try:
+        with open(temp, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, final)  # the commit
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_dir(output)
+    return final
+
+
+def _commit_rows(output: Path, name: str, rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> Path:
+    return write_part(output, name, rows_to_table(rows, schema))
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Replace a small JSON file atomically (temp, fsync, rename). Blocking."""
+    temp = path.with_name(f"{TEMP_PREFIX}{path.name}")
+    with open(temp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+    fsync_dir(path.parent)
+
+
+def part_files(output: Path) -> list[Path]:
+    """The committed part files, oldest first (their names sort by run and sequence)."""
+    return sorted(output.glob(PART_GLOB))
+
+
+def read_output(output: Path, columns: Sequence[str] | None = None) -> pa.Table:
+    """Every committed row, with the schemas of all parts unified (extra columns may differ by part)."""
+    files = part_files(output)
+    if not files:
+        return schema_with_extras([]).empty_table()
+    schema = pa.unify_schemas([pq.read_schema(f) for f in files])
+    return ds.dataset(files, schema=schema, format="parquet").to_table(columns=list(columns) if columns else None)
+
+
+async def _finish_in_thread(fn: Any, *args: Any) -> Any:
+    """Run `fn` in a thread and wait for it even when cancelled meanwhile, then re-raise the cancel.
+
+    A part write that was started finishes (or fails) before anyone is told: otherwise a cancelled
+    flush could not know whether its rows were committed, and might commit them twice.
+    """
+    future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    cancelled: asyncio.CancelledError | None = None
+    while not future.done():
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError as err:
+            cancelled = err
+    result = future.result()
+    if cancelled is not None:
+        raise cancelled
+    return result
+
+
+class Sink:
+    """Buffers results and commits them in part files of at most `rows_per_part` rows.
+
+    `put` may be called from many workers; parts are written in a thread so the loop never blocks.
+    """
+
+    def __init__(self, output: Path, cfg: OutputConfig, run_id: str, extra_columns: Sequence[str] = ()) -> None:
+        self.output = output
+        self._cfg = cfg
+        self._run_id = run_id
+        self._extra: dict[str, None] = dict.fromkeys(extra_columns)  # ordered set
+        self._rows: list[dict[str, Any]] = []
+        self._lock = asyncio.Lock()
+        self._sequence = 0
+        self.committed_rows = 0
+        self.committed_parts = 0
+
+    @property
+    def buffered_rows(self) -> int:
+        return len(self._rows)
+
+    async def put(self, result: VisionResult) -> None:
+        """Add one row; commits a part when the buffer holds `rows_per_part` rows."""
+        self._rows.append(result_to_row(result, self._run_id))
+        self._extra.update(dict.fromkeys(k for k in result.task.extra if k not in BASE_COLUMNS))
+        if len(self._rows) >= self._cfg.rows_per_part:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Commit everything buffered as one or more part files."""
+        async with self._lock:
+            while self._rows:
+                rows = self._rows[: self._cfg.rows_per_part]
+                del self._rows[: len(rows)]
+                self._sequence += 1
+                name = f"part-{self._run_id}-{self._sequence:05d}.parquet"
+                schema = schema_with_extras(self._extra)
+                is_committed = False
+                try:
+                    await _finish_in_thread(_commit_rows, self.output, name, rows, schema)
+                    is_committed = True
+                except asyncio.CancelledError:
+                    is_committed = True  # re-raised only after the write succeeded
+                    raise
+                except OSError:
+                    self._rows[:0] = rows  # not committed: keep them for the next try
+                    raise
+                finally:
+                    if is_committed:
+                        self.committed_rows += len(rows)
+                        self.committed_parts += 1
+
+    async def flush_every(self, seconds: float, done: asyncio.Event) -> None:
+        """Commit the buffer every `seconds` until `done` is set, so a kill loses at most that window."""
+        while not done.is_set():
+            try:
+                await asyncio.wait_for(done.wait(), timeout=seconds)
+            except TimeoutError:
+                await self.flush()

@@ -1,0 +1,88 @@
+import asyncio
+
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import OutputConfig
+from pipeline.records import CategoryFilter, FilterResult, ImageTask, Usage, VisionResult
+from pipeline.sink import SCHEMA, Sink, part_files, read_output
+
+
+def result(row_id: str, **extra: str) -> VisionResult:
+    task = ImageTask(row_id, (f"{row_id}.jpg",), "Describe.", "high", 1, extra)
+    return VisionResult(
+        task=task,
+        status="ok",
+        model="gpt-4",
+        description=f"about {row_id}",
+        finish_reason="stop",
+        usage=Usage(800, 40, 840),
+        prompt_filter=FilterResult(hate=CategoryFilter(False, "safe")),
+        attempts=1,
+        started_at=1_700_000_000.5,
+    )
+
+
+async def test_rows_are_committed_in_parts_of_rows_per_part(tmp_path):
+    sink = Sink(tmp_path, OutputConfig(rows_per_part=2), "run1")
+
+    for n in range(5):
+        await sink.put(result(f"r{n}"))
+    await sink.flush()
+
+    assert [pq.read_metadata(p).num_rows for p in part_files(tmp_path)] == [2, 2, 1]
+    table = ds.dataset(tmp_path).to_table()
+    assert sorted(table.column("id").to_pylist()) == ["r0", "r1", "r2", "r3", "r4"]
+
+
+async def test_the_output_has_the_schema_and_typed_filter_columns(tmp_path):
+    sink = Sink(tmp_path, OutputConfig(), "run1", extra_columns=["license"])
+
+    await sink.put(result("a", license="cc-by"))
+    await sink.flush()
+
+    table = read_output(tmp_path)
+    assert table.schema.field("prompt_filter").type == SCHEMA.field("prompt_filter").type
+    row = table.to_pylist()[0]
+    assert row["prompt_filter"]["hate"] == {"filtered": False, "severity": "safe"}
+    assert row["prompt_filter"]["violence"] is None
+    assert row["license"] == "cc-by"
+    assert row["image"] == "a.jpg" and row["images"] == ["a.jpg"]
+    assert (row["prompt_tokens"], row["completion_tokens"], row["total_tokens"]) == (800, 40, 840)
+    assert row["started_at"].timestamp() == pytest.approx(1_700_000_000.5)
+
+
+async def test_no_temp_file_stays_after_a_flush(tmp_path):
+    sink = Sink(tmp_path, OutputConfig(), "run1")
+
+    await sink.put(result("a"))
+    await sink.flush()
+
+    assert [p.name for p in tmp_path.iterdir()] == ["part-run1-00001.parquet"]
+
+
+async def test_a_flush_cancelled_midway_still_accounts_for_its_part(tmp_path):
+    """A part write that started finishes: its rows are neither lost nor written again."""
+    sink = Sink(tmp_path, OutputConfig(), "run1")
+    await sink.put(result("a"))
+
+    flush = asyncio.get_running_loop().create_task(sink.flush())
+    await asyncio.sleep(0)
+    flush.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await flush
+    await sink.flush()
+
+    assert read_output(tmp_path).column("id").to_pylist() == ["a"]
+    assert sink.committed_rows == 1
+
+
+async def test_parts_with_different_extra_columns_read_back_together(tmp_path):
+    sink = Sink(tmp_path, OutputConfig(rows_per_part=1), "run1")
+
+    await sink.put(result("a"))
+    await sink.put(result("b", camera="x100"))
+
+    table = read_output(tmp_path)
+    assert dict(zip(table.column("id").to_pylist(), table.column("camera").to_pylist())) == {"a": None, "b": "x100"}
