@@ -1,0 +1,75 @@
+"""Small fixtures: images on disk, manifests, a real emulator on 127.0.0.1, configs that point at it."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from pipeline.config import EmulatorConfig, RunConfig, config_from_mapping
+from pipeline.emulator import Emulator
+
+TEST_KEY = "test-key-7f3a9c1e5b2d4f6a8c0e"  # what a leak would look like: tests grep outputs for it
+KEY_ENV = "VISION_PIPELINE_TEST_KEY"
+
+
+def make_image(path: Path, size: tuple[int, int] = (64, 48), fmt: str = "PNG", color: str = "teal") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path, format=fmt)
+    return path
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def images_manifest(tmp_path: Path) -> Callable[..., Path]:
+    """Write `n` small images and a CSV manifest of them; returns the manifest path."""
+
+    def build(n: int = 6, **columns: Any) -> Path:
+        rows = []
+        for i in range(n):
+            make_image(tmp_path / "images" / f"img{i}.png", (64 + 8 * i, 48 + 4 * i))
+            rows.append({"id": f"row-{i}", "image": f"images/img{i}.png", **columns})
+        return write_csv(tmp_path / "manifest.csv", rows)
+
+    return build
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[Emulator]:
+    async with Emulator(EmulatorConfig(), api_key=TEST_KEY, deployment="vision", model="gpt-4-turbo") as emu:
+        yield emu
+
+
+@pytest.fixture
+def key_in_env(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv(KEY_ENV, TEST_KEY)
+    return TEST_KEY
+
+
+def azure_config(emulator: Emulator, **sections: dict[str, Any]) -> RunConfig:
+    """A config for the Azure route of a running emulator, with fast retries; `sections` override."""
+    raw: dict[str, dict[str, Any]] = {
+        "endpoint": {"provider": "azure", "url": emulator.url, "deployment": "vision", "api_key_env": KEY_ENV},
+        "limits": {"tokens_per_minute": 10_000_000, "concurrency": 4, "backoff_initial_s": 0.0, "max_attempts": 4},
+        "output": {"rows_per_part": 2},
+    }
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return config_from_mapping(raw, source="test.toml")
+
+
+def with_limits(cfg: RunConfig, **values: Any) -> RunConfig:
+    return dataclasses.replace(cfg, limits=dataclasses.replace(cfg.limits, **values))

@@ -1,0 +1,267 @@
+"""End to end: the real client against the real emulator on 127.0.0.1, real Parquet read back."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+from conftest import KEY_ENV, TEST_KEY, azure_config, make_image, with_limits, write_csv
+from pipeline.emulator import FILTER_MARKER, FINISH_OBJECT_MARKER, Fault
+from pipeline.runner import EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, EXIT_ROW_ERRORS, RunOptions, run
+from pipeline.sink import read_output
+
+
+def rows_by_id(output: Path) -> dict[str, dict]:
+    rows = ds.dataset(output).to_table().to_pylist()
+    assert len(rows) == len({r["id"] for r in rows}), "an id was committed twice"
+    return {r["id"]: r for r in rows}
+
+
+async def test_every_row_is_captioned_once_with_usage_and_filter_results(
+    tmp_path, emulator, images_manifest, key_in_env
+):
+    manifest = images_manifest(6, license="cc-by")
+
+    summary = await run(azure_config(emulator), RunOptions(manifest, tmp_path / "out", handle_signals=False))
+
+    rows = rows_by_id(tmp_path / "out")
+    assert summary.exit_code == EXIT_OK and summary.counts["ok"] == 6
+    assert set(rows) == {f"row-{i}" for i in range(6)}
+    row = rows["row-0"]
+    assert row["status"] == "ok" and row["description"] and row["finish_reason"] == "stop"
+    assert row["prompt_tokens"] == row["estimated_prompt_tokens"] > 85
+    assert row["total_tokens"] == row["prompt_tokens"] + row["completion_tokens"]
+    assert row["prompt_filter"]["violence"] == {"filtered": False, "severity": "safe"}
+    assert row["image"] == "images/img0.png" and row["license"] == "cc-by"
+    assert row["cost_usd"] > 0 and row["attempts"] == 1 and row["http_status"] == 200
+
+
+async def test_the_openai_route_sends_the_model_and_a_bearer_key(tmp_path, emulator, images_manifest, key_in_env):
+    manifest = images_manifest(1)
+    cfg = azure_config(emulator, endpoint={"provider": "openai", "url": emulator.url + "/v1", "model": "gpt-4o"})
+
+    summary = await run(cfg, RunOptions(manifest, tmp_path / "out", handle_signals=False))
+
+    assert summary.counts["ok"] == 1
+    (request,) = emulator.requests
+    assert request.route == "openai" and request.body["model"] == "gpt-4o"
+    content = request.body["messages"][-1]["content"]
+    assert content[1]["image_url"]["url"].startswith("data:image/")
+    assert content[1]["image_url"]["detail"] == "auto"
+
+
+async def test_a_filtered_prompt_is_recorded_as_filtered_and_not_retried(
+    tmp_path, emulator, images_manifest, key_in_env
+):
+    manifest = images_manifest(1, prompt=f"Describe {FILTER_MARKER}")
+
+    summary = await run(azure_config(emulator), RunOptions(manifest, tmp_path / "out", handle_signals=False))
+
+    row = rows_by_id(tmp_path / "out")["row-0"]
+    assert summary.exit_code == EXIT_OK
+    assert row["status"] == "filtered" and row["finish_reason"] == "content_filter"
+    assert any(c and c["filtered"] for c in row["prompt_filter"].values())
+    assert len(emulator.requests) == 1
+
+
+async def test_finish_reason_in_object_form_is_stored_as_a_string(tmp_path, emulator, images_manifest, key_in_env):
+    manifest = images_manifest(1, prompt=f"Describe {FINISH_OBJECT_MARKER}")
+
+    await run(azure_config(emulator), RunOptions(manifest, tmp_path / "out", handle_signals=False))
+
+    assert rows_by_id(tmp_path / "out")["row-0"]["finish_reason"] == "stop"
+
+
+async def test_a_5xx_is_retried_then_the_row_is_ok(tmp_path, emulator, images_manifest, key_in_env):
+    manifest = images_manifest(1)
+    emulator.script(Fault(status=500), Fault(status=503), Fault(drop=True))
+
+    await run(azure_config(emulator), RunOptions(manifest, tmp_path / "out", handle_signals=False))
+
+    row = rows_by_id(tmp_path / "out")["row-0"]
+    assert row["status"] == "ok" and row["attempts"] == 4
+
+
+async def test_a_row_out_of_attempts_is_an_error_with_the_last_reason(tmp_path, emulator, images_manifest, key_in_env):
+    manifest = images_manifest(1)
+    emulator.script(*[Fault(status=500)] * 4)
+
+    summary = await run(azure_config(emulator), RunOptions(manifest, tmp_path / "out", handle_signals=False))
+
+    row = rows_by_id(tmp_path / "out")["row-0"]
+    assert summary.exit_code == EXIT_ROW_ERRORS
+    assert row["status"] == "error" and row["attempts"] == 4 and row["http_status"] == 500
+    assert "gave up after 4 attempts" in row["error"]
+
+
+async def test_a_bad_image_is_an_error_row_while_the_rest_succeed(tmp_path, emulator, key_in_env):
+    make_image(tmp_path / "good.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    rows = [
+        {"id": "good", "image": "good.png"},
+        {"id": "broken", "image": "broken.png"},
+        {"id": "missing", "image": "nowhere.png"},
+        {"id": "", "image": ""},
+    ]
+    manifest = write_csv(tmp_path / "m.csv", rows)
+
+    summary = await run(azure_config(emulator), RunOptions(manifest, tmp_path / "out", handle_signals=False))
+
+    out = rows_by_id(tmp_path / "out")
+    assert summary.counts == {"ok": 1, "filtered": 0, "error": 3}
+    assert out["good"]["status"] == "ok"
+    for row_id in ("broken", "missing"):
+        assert out[row_id]["status"] == "error" and row_id in out[row_id]["error"]
+    assert len(emulator.requests) == 1
+
+
+async def test_duplicate_ids_keep_the_first_row_only(tmp_path, emulator, key_in_env):
+    make_image(tmp_path / "a.png")
+    make_image(tmp_path / "b.png")
+    manifest = write_csv(tmp_path / "m.csv", [{"id": "x", "image": "a.png"}, {"id": "x", "image": "b.png"}])
+
+    summary = await run(azure_config(emulator), RunOptions(manifest, tmp_path / "out", handle_signals=False))
+
+    assert summary.duplicates == 1
+    assert rows_by_id(tmp_path / "out")["x"]["image"] == "a.png"
+
+
+async def test_a_rerun_sends_nothing_for_committed_rows(tmp_path, emulator, images_manifest, key_in_env):
+    manifest = images_manifest(5)
+    cfg = azure_config(emulator)
+    await run(cfg, RunOptions(manifest, tmp_path / "out", handle_signals=False))
+    sent = len(emulator.requests)
+
+    summary = await run(cfg, RunOptions(manifest, tmp_path / "out", handle_signals=False))
+
+    assert len(emulator.requests) == sent == 5
+    assert summary.skipped == 5 and summary.rows == 0
+    assert len(rows_by_id(tmp_path / "out")) == 5
+
+
+async def test_limit_sends_at_most_that_many_new_rows(tmp_path, emulator, images_manifest, key_in_env):
+    manifest = images_manifest(5)
+
+    await run(azure_config(emulator), RunOptions(manifest, tmp_path / "out", limit=2, handle_signals=False))
+    await run(azure_config(emulator), RunOptions(manifest, tmp_path / "out", limit=2, handle_signals=False))
+
+    assert len(rows_by_id(tmp_path / "out")) == 4
+
+
+async def test_sigterm_stops_commits_and_a_rerun_completes_every_row_once(
+    tmp_path, images_manifest, key_in_env
+):
+    from pipeline.config import EmulatorConfig
+    from pipeline.emulator import Emulator
+
+    manifest = images_manifest(12)
+    async with Emulator(EmulatorConfig(latency_s=0.2), api_key=TEST_KEY, deployment="vision") as slow:
+        cfg = with_limits(azure_config(slow), concurrency=2)
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.5, os.kill, os.getpid(), signal.SIGTERM)
+
+        first = await run(cfg, RunOptions(manifest, tmp_path / "out"))
+        second = await run(cfg, RunOptions(manifest, tmp_path / "out", handle_signals=False))
+
+    assert first.exit_code == EXIT_INTERRUPTED and 0 < first.rows < 12
+    assert second.exit_code == EXIT_OK and second.skipped == first.rows
+    assert len(rows_by_id(tmp_path / "out")) == 12
+
+
+async def test_a_refused_key_stops_the_run_naming_the_setting(tmp_path, emulator, images_manifest, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "wrong-key")
+    manifest = images_manifest(20)
+
+    summary = await run(azure_config(emulator), RunOptions(manifest, tmp_path / "out", handle_signals=False))
+
+    assert summary.exit_code == EXIT_REFUSED
+    assert KEY_ENV in summary.stopped_because and "wrong-key" not in summary.stopped_because
+    assert len(emulator.requests) <= 4  # one per worker at most, then the run stops
+
+
+async def test_a_wrong_deployment_stops_the_run(tmp_path, emulator, images_manifest, key_in_env):
+    cfg = azure_config(emulator, endpoint={"deployment": "nope"})
+
+    summary = await run(cfg, RunOptions(images_manifest(3), tmp_path / "out", handle_signals=False))
+
+    assert summary.exit_code == EXIT_REFUSED and "endpoint.deployment" in summary.stopped_because
+
+
+async def test_the_key_appears_in_no_output_file(tmp_path, emulator, images_manifest, key_in_env, caplog):
+    caplog.set_level("DEBUG")
+    emulator.script(Fault(status=500))
+
+    await run(azure_config(emulator), RunOptions(images_manifest(3), tmp_path / "out", handle_signals=False))
+
+    assert TEST_KEY not in caplog.text
+    for path in (tmp_path / "out").iterdir():
+        assert TEST_KEY.encode() not in path.read_bytes(), path.name
+    assert b"base64," not in b"".join(p.read_bytes() for p in (tmp_path / "out").iterdir())
+
+
+async def test_a_429_with_retry_after_ms_pauses_every_worker_that_long(tmp_path, emulator, images_manifest, key_in_env):
+    manifest = images_manifest(6)
+    emulator.script(Fault(status=429, headers={"retry-after-ms": "1500"}))
+
+    summary = await run(azure_config(emulator), RunOptions(manifest, tmp_path / "out", handle_signals=False))
+
+    assert summary.counts["ok"] == 6 and summary.pauses == 1
+    first_429 = next(r.at for r in emulator.requests if r.status == 429)
+    later = [r.at - first_429 for r in emulator.requests if r.at > first_429]
+    assert later and min(later) >= 1.5 - 0.05
+
+
+async def test_a_429_asking_for_a_day_stops_the_run_without_spinning(tmp_path, emulator, images_manifest, key_in_env):
+    emulator.script(*[Fault(status=429, headers={"retry-after": "86400"})] * 4)
+
+    summary = await run(azure_config(emulator), RunOptions(images_manifest(10), tmp_path / "out", handle_signals=False))
+
+    assert summary.exit_code == EXIT_REFUSED and "max_retry_after_s" in summary.stopped_because
+    assert len(emulator.requests) <= 4
+
+
+async def test_a_request_above_the_minute_budget_is_never_sent(tmp_path, emulator, images_manifest, key_in_env):
+    cfg = azure_config(emulator, limits={"tokens_per_minute": 300}, request={"max_tokens": 300})
+
+    summary = await run(cfg, RunOptions(images_manifest(2), tmp_path / "out", handle_signals=False))
+
+    assert summary.counts["error"] == 2 and emulator.requests == []
+    assert "limits.tokens_per_minute" in rows_by_id(tmp_path / "out")["row-0"]["error"]
+
+
+SIZES = [(1, 1), (512, 512), (513, 513), (1024, 1024), (2048, 4096), (600, 900), (1, 4000), (10000, 20)]
+
+
+async def test_estimated_prompt_tokens_equal_the_billed_ones(tmp_path, emulator, key_in_env):
+    rows = []
+    for w, h in SIZES:
+        make_image(tmp_path / f"{w}x{h}.png", (w, h))
+        for detail in ("low", "high", "auto"):
+            rows.append({"id": f"{w}x{h}-{detail}", "image": f"{w}x{h}.png", "detail": detail})
+    manifest = write_csv(tmp_path / "m.csv", rows)
+
+    await run(azure_config(emulator), RunOptions(manifest, tmp_path / "out", handle_signals=False))
+
+    table = read_output(tmp_path / "out", ["id", "status", "prompt_tokens", "estimated_prompt_tokens"]).to_pylist()
+    assert len(table) == len(rows)
+    for row in table:
+        assert row["status"] == "ok", row
+        assert row["estimated_prompt_tokens"] == row["prompt_tokens"], row["id"]
+
+
+async def test_a_changed_prompt_against_an_existing_output_is_refused(tmp_path, emulator, images_manifest, key_in_env):
+    from pipeline.records import ConfigError
+
+    manifest = images_manifest(1)
+    await run(azure_config(emulator), RunOptions(manifest, tmp_path / "out", handle_signals=False))
+
+    with pytest.raises(ConfigError, match="prompt"):
+        await run(
+            azure_config(emulator, request={"prompt": "Other"}),
+            RunOptions(manifest, tmp_path / "out", handle_signals=False),
+        )
