@@ -342,10 +342,10 @@ def _failed(task: ImageTask, err: RowError, cfg: RunConfig, estimated: int | Non
         estimated_prompt_tokens=estimated,
         attempts=err.attempts if isinstance(err, ApiError) else 0,
         http_status=err.status if isinstance(err, ApiError) else None,
-        error=err.reason,
+        error=str(err),
     )
 
 
 def _manifest_failure(err: ManifestError, cfg: RunConfig) -> VisionResult:
     task = ImageTask(row_id=err.row_id, images=(), prompt="", detail=cfg.request.detail, line=err.line)
-    return VisionResult(task=task, status="error", model=cfg.endpoint.model, error=err.reason)
+    return VisionResult(task=task, status="error", model=cfg.endpoint.model, error=str(err))

@@ -102,7 +102,8 @@ def _encoding(name: str) -> Any:
 
 def text_tokens(text: str, model: str = "gpt-4-turbo") -> int:
     """Tokens of `text` in the model's encoding (cl100k_base for gpt-4-turbo, o200k_base for gpt-4o)."""
-    return len(_encoding(model_family(model).encoding).encode(text))
+    # user text that looks like a special token is plain text to the service, not an error
+    return len(_encoding(model_family(model).encoding).encode(text, disallowed_special=()))
 
 
 def count_prompt_tokens(

@@ -79,3 +79,7 @@ def test_image_sizes_must_match_image_parts():
 
     with pytest.raises(ValueError):
         count_prompt_tokens(messages, [])
+
+
+def test_text_that_looks_like_a_special_token_is_counted_as_plain_text():
+    assert text_tokens("<|endoftext|>") > 1

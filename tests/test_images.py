@@ -1,0 +1,406 @@
+"""images.py: local images go out as JPEG data URLs of exactly the pixels the model views."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from pipeline.config import ImagesConfig
+from pipeline.images import measure_image, prepare_image, read_image_size, shorten_url
+from pipeline.records import ImageError, PreparedImage
+from pipeline.tokens import image_tokens, viewed_size
+
+CFG = ImagesConfig()
+RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
+EXIF_ORIENTATION = 0x0112
+
+
+def sent_image(prepared: PreparedImage) -> Image.Image:
+    """The image the service would receive, decoded from the data URL."""
+    head, _, payload = prepared.url.partition(",")
+    assert head == "data:image/jpeg;base64"
+    image = Image.open(io.BytesIO(base64.b64decode(payload)))
+    assert image.format == "JPEG"
+    return image
+
+
+def near(pixel: tuple[int, ...], colour: tuple[int, int, int], tolerance: int = 24) -> bool:
+    return all(abs(a - b) <= tolerance for a, b in zip(pixel, colour, strict=True))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG declaring `width`×`height` with no pixel data: decoding it would fail, opening it works."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+def prepare(tmp_path: Path, ref: str, detail: str = "high", cfg: ImagesConfig = CFG) -> PreparedImage:
+    return prepare_image(ref, base_dir=tmp_path, detail=detail, cfg=cfg, row_id="row-1")
+
+
+# Orientation, colour modes, formats
+
+
+def test_exif_orientation_6_comes_out_upright(tmp_path):
+    """A camera held sideways stores the picture turned; orientation 6 says "turn it a quarter clockwise"."""
+    upright = Image.new("RGB", (400, 200), BLUE)
+    upright.paste(RED, (0, 0, 100, 50))  # the top-left corner, as a viewer shows it
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "sideways.jpg", exif=exif, quality=95)
+
+    prepared = prepare(tmp_path, "sideways.jpg")
+
+    sent = sent_image(prepared)
+    assert (prepared.width, prepared.height) == sent.size == (400, 200)
+    assert near(sent.getpixel((10, 10)), RED)
+    assert near(sent.getpixel((390, 190)), BLUE)
+
+
+def test_large_exif_rotated_jpeg_is_drafted_and_still_upright_at_the_viewed_size(tmp_path):
+    upright = Image.new("RGB", (3000, 4000), BLUE)
+    upright.paste(RED, (0, 0, 1500, 2000))
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "tall.jpg", exif=exif)
+
+    prepared = prepare(tmp_path, "tall.jpg", detail="high")
+
+    sent = sent_image(prepared)
+    assert sent.size == viewed_size(3000, 4000, "high") == (768, 1024)
+    assert near(sent.getpixel((20, 20)), RED)
+    assert near(sent.getpixel((740, 1000)), BLUE)
+
+
+def test_cmyk_jpeg_is_sent_as_rgb_with_its_colour(tmp_path):
+    Image.new("CMYK", (300, 200), (0, 255, 255, 0)).save(tmp_path / "print.jpg")  # pure red in ink
+
+    sent = sent_image(prepare(tmp_path, "print.jpg"))
+
+    assert sent.mode == "RGB"
+    assert near(sent.getpixel((150, 100)), RED)
+
+
+def test_rgba_png_is_flattened_onto_white(tmp_path):
+    image = Image.new("RGBA", (200, 200), (0, 0, 0, 0))
+    image.paste((255, 0, 0, 255), (0, 0, 100, 200))
+    image.save(tmp_path / "logo.png")
+
+    sent = sent_image(prepare(tmp_path, "logo.png"))
+
+    assert near(sent.getpixel((50, 100)), RED)
+    assert near(sent.getpixel((150, 100)), WHITE)  # transparent black would otherwise come out black
+
+
+def test_la_and_transparent_palette_images_are_flattened_onto_white(tmp_path):
+    Image.new("LA", (50, 50), (0, 0)).save(tmp_path / "grey.png")
+    palette = Image.new("P", (50, 50), 0)
+    palette.putpalette([0, 0, 0] * 256)
+    palette.save(tmp_path / "clear.gif", transparency=0)
+
+    grey, gif = sent_image(prepare(tmp_path, "grey.png")), sent_image(prepare(tmp_path, "clear.gif"))
+
+    assert near(grey.getpixel((25, 25)), WHITE)
+    assert near(gif.getpixel((25, 25)), WHITE)
+
+
+def test_16_bit_greyscale_png_is_scaled_not_clipped_to_white(tmp_path):
+    Image.new("I;16", (64, 64), 32768).save(tmp_path / "depth16.png")  # half of full scale
+
+    sent = sent_image(prepare(tmp_path, "depth16.png"))
+
+    assert near(sent.getpixel((32, 32)), (128, 128, 128), tolerance=4)
+
+
+def test_gif_sends_its_first_frame(tmp_path):
+    frames = [Image.new("RGB", (80, 60), RED), Image.new("RGB", (80, 60), BLUE)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
+
+    sent = sent_image(prepare(tmp_path, "anim.gif"))
+
+    assert near(sent.getpixel((40, 30)), RED)
+
+
+@pytest.mark.parametrize(
+    ("name", "save_as"), [("photo.webp", "WEBP"), ("scan.tif", "TIFF"), ("chart.bmp", "BMP")]
+)
+def test_webp_tiff_and_bmp_are_sent_as_jpeg(tmp_path, name, save_as):
+    Image.new("RGB", (120, 90), RED).save(tmp_path / name, save_as)
+
+    prepared = prepare(tmp_path, name)
+
+    assert (prepared.width, prepared.height) == sent_image(prepared).size == (120, 90)
+
+
+def test_mpo_from_a_3d_camera_counts_as_jpeg(tmp_path):
+    left, right = Image.new("RGB", (640, 480), RED), Image.new("RGB", (640, 480), BLUE)
+    left.save(tmp_path / "stereo.mpo", "MPO", save_all=True, append_images=[right])
+
+    sent = sent_image(prepare(tmp_path, "stereo.mpo"))
+
+    assert near(sent.getpixel((320, 240)), RED)
+
+
+def test_png_named_jpg_is_sniffed_from_its_bytes(tmp_path):
+    Image.new("RGB", (100, 80), RED).save(tmp_path / "mislabelled.jpg", "PNG")
+
+    prepared = prepare(tmp_path, "mislabelled.jpg")
+
+    assert near(sent_image(prepared).getpixel((50, 40)), RED)
+
+
+def test_a_format_pillow_reads_but_the_service_does_not_is_refused(tmp_path):
+    Image.new("RGB", (10, 10), RED).save(tmp_path / "image.jpg", "PPM")
+
+    with pytest.raises(ImageError, match="not a JPEG, PNG, WebP, GIF, BMP or TIFF image"):
+        prepare(tmp_path, "image.jpg")
+
+
+# Size: the tokens never change, the pixels never grow
+
+
+TOKEN_GRID_SIZES = [
+    (1, 1),
+    (512, 512),
+    (513, 513),
+    (1024, 1024),
+    (2048, 4096),
+    (600, 900),
+    (1, 4000),
+    (10000, 20),
+]
+
+
+@pytest.mark.parametrize("detail", ["low", "high", "auto"])
+@pytest.mark.parametrize(("width", "height"), TOKEN_GRID_SIZES)
+def test_preparing_an_image_never_changes_its_token_count(tmp_path, width, height, detail):
+    Image.new("RGB", (width, height), RED).save(tmp_path / "image.png")
+
+    prepared = prepare(tmp_path, "image.png", detail=detail)
+
+    assert (
+        (prepared.width, prepared.height) == sent_image(prepared).size == viewed_size(width, height, detail)
+    )
+    assert image_tokens(prepared.width, prepared.height, detail) == image_tokens(width, height, detail)
+    assert prepared.width <= width and prepared.height <= height
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    width=st.integers(1, 3000), height=st.integers(1, 3000), detail=st.sampled_from(["low", "high", "auto"])
+)
+def test_sent_size_is_the_viewed_size_and_costs_what_the_original_costs(tmp_path, width, height, detail):
+    Image.new("RGB", (width, height), BLUE).save(tmp_path / "image.png")
+
+    prepared = prepare(tmp_path, "image.png", detail=detail)
+
+    assert (
+        sent_image(prepared).size == (prepared.width, prepared.height) == viewed_size(width, height, detail)
+    )
+    assert image_tokens(prepared.width, prepared.height, detail) == image_tokens(width, height, detail)
+
+
+def test_a_big_jpeg_is_shrunk_and_reports_both_byte_counts(tmp_path):
+    Image.linear_gradient("L").resize((4000, 3000)).convert("RGB").save(tmp_path / "big.jpg")
+
+    prepared = prepare(tmp_path, "big.jpg", detail="low")
+
+    assert (prepared.width, prepared.height) == (512, 384)
+    assert prepared.source_bytes == (tmp_path / "big.jpg").stat().st_size
+    assert prepared.sent_bytes == len(base64.b64decode(prepared.url.partition(",")[2]))
+    assert prepared.sent_bytes < prepared.source_bytes
+
+
+# Refusals: one line, naming the row and the reference
+
+
+def test_truncated_jpeg_is_a_row_error(tmp_path):
+    Image.radial_gradient("L").resize((600, 600)).convert("RGB").save(tmp_path / "photo.jpg")
+    whole = (tmp_path / "photo.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+
+    with pytest.raises(ImageError, match="truncated") as caught:
+        prepare(tmp_path, "cut.jpg")
+
+    assert caught.value.row_id == "row-1" and caught.value.path == "cut.jpg"
+    assert "\n" not in str(caught.value)
+
+
+def test_zero_byte_file_is_a_row_error(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+
+    with pytest.raises(ImageError, match="empty"):
+        prepare(tmp_path, "empty.jpg")
+
+
+def test_missing_file_is_a_row_error_naming_row_and_path(tmp_path):
+    with pytest.raises(ImageError) as caught:
+        prepare(tmp_path, "photos/nowhere.jpg")
+
+    assert str(caught.value) == "row 'row-1': image 'photos/nowhere.jpg': file not found"
+
+
+def test_a_folder_is_not_an_image(tmp_path):
+    (tmp_path / "photos").mkdir()
+
+    with pytest.raises(ImageError, match="folder"):
+        prepare(tmp_path, "photos")
+
+
+def test_a_30000_px_square_is_refused_from_its_header_without_decoding(tmp_path):
+    """The file declares 900 Mpx but holds no pixels: decoding would fail as truncated, not as too large."""
+    (tmp_path / "bomb.png").write_bytes(png_header_only(30000, 30000))
+
+    with pytest.raises(ImageError, match="too many pixels"):
+        prepare(tmp_path, "bomb.png")
+
+
+def test_images_over_max_pixels_are_refused_before_decoding(tmp_path):
+    (tmp_path / "large.png").write_bytes(png_header_only(5000, 4000))
+    cfg = dataclasses.replace(CFG, max_pixels=10_000_000)
+
+    with pytest.raises(ImageError, match=r"5000×4000 is more than images\.max_pixels"):
+        prepare(tmp_path, "large.png", cfg=cfg)
+
+
+def test_an_image_larger_than_max_image_bytes_once_encoded_is_refused(tmp_path):
+    Image.effect_noise((400, 400), 100).convert("RGB").save(tmp_path / "noise.png")
+    cfg = dataclasses.replace(CFG, max_image_bytes=1000)
+
+    with pytest.raises(ImageError, match=r"images\.max_image_bytes"):
+        prepare(tmp_path, "noise.png", cfg=cfg)
+
+
+def test_path_escaping_the_manifest_folder_with_dotdot_is_refused(tmp_path):
+    (tmp_path / "manifests").mkdir()
+    Image.new("RGB", (10, 10), RED).save(tmp_path / "secret.png")
+
+    with pytest.raises(ImageError, match="outside the manifest's folder"):
+        prepare(tmp_path / "manifests", "../secret.png")
+
+
+def test_symlink_escaping_the_manifest_folder_is_refused(tmp_path):
+    (tmp_path / "manifests").mkdir()
+    Image.new("RGB", (10, 10), RED).save(tmp_path / "secret.png")
+    (tmp_path / "manifests" / "link.png").symlink_to(tmp_path / "secret.png")
+
+    with pytest.raises(ImageError, match="outside the manifest's folder"):
+        prepare(tmp_path / "manifests", "link.png")
+
+
+def test_absolute_path_inside_the_folder_is_accepted(tmp_path):
+    Image.new("RGB", (10, 10), RED).save(tmp_path / "inside.png")
+
+    prepared = prepare(tmp_path, str(tmp_path / "inside.png"))
+
+    assert (prepared.width, prepared.height) == (10, 10)
+
+
+@pytest.mark.parametrize("ref", ["file:///etc/passwd", "ftp://example.com/a.jpg", "s3://bucket/a.jpg"])
+def test_urls_other_than_http_and_data_are_refused(tmp_path, ref):
+    with pytest.raises(ImageError, match="URLs are not supported"):
+        prepare(tmp_path, ref)
+
+
+def test_a_colon_in_a_file_name_is_a_path_not_a_url(tmp_path):
+    Image.new("RGB", (10, 10), RED).save(tmp_path / "shot 12:30.png")
+
+    prepared = prepare(tmp_path, "shot 12:30.png")
+
+    assert prepared.url.startswith("data:image/jpeg;base64,")
+
+
+# URLs that pass through
+
+
+def test_http_urls_pass_through_untouched_with_unknown_size(tmp_path):
+    url = "https://acct.blob.core.windows.net/images/cat.jpg?sv=2024&sig=SECRET"
+
+    prepared = prepare(tmp_path, url)
+
+    assert prepared == PreparedImage(url=url, width=None, height=None)
+
+
+def test_data_url_passes_through_with_its_size_from_the_header(tmp_path):
+    buffer = io.BytesIO()
+    Image.new("RGB", (320, 200), RED).save(buffer, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    prepared = prepare(tmp_path, url)
+
+    assert (prepared.url, prepared.width, prepared.height) == (url, 320, 200)
+
+
+def test_bad_data_url_error_never_contains_the_payload(tmp_path):
+    url = "data:image/png;base64," + "A" * 5000 + "!!"
+
+    with pytest.raises(ImageError, match="not valid base64") as caught:
+        prepare(tmp_path, url)
+
+    assert "AAAA" not in str(caught.value)
+    assert caught.value.path == "data:image/png;base64,<4 kB>"  # 5002 base64 chars: ~3.75 kB
+
+
+def test_data_url_of_a_non_image_is_refused(tmp_path):
+    url = "data:image/png;base64," + base64.b64encode(b"hello, not an image").decode()
+
+    with pytest.raises(ImageError, match="not a JPEG, PNG"):
+        prepare(tmp_path, url)
+
+
+# Header-only reads and log-friendly references
+
+
+def test_read_image_size_reads_the_header_only(tmp_path):
+    (tmp_path / "header.png").write_bytes(png_header_only(5000, 4000))
+
+    assert read_image_size(tmp_path / "header.png") == (5000, 4000)
+
+
+def test_read_image_size_of_a_non_image_raises_oserror(tmp_path):
+    (tmp_path / "notes.jpg").write_text("not an image")
+
+    with pytest.raises(OSError):
+        read_image_size(tmp_path / "notes.jpg")
+
+
+def test_measure_image_follows_the_same_reference_rules_as_prepare_image(tmp_path):
+    (tmp_path / "header.png").write_bytes(png_header_only(5000, 4000))
+
+    sizes = (
+        measure_image("header.png", base_dir=tmp_path, row_id="r"),
+        measure_image("https://example.com/a.jpg", base_dir=tmp_path, row_id="r"),
+    )
+
+    assert sizes == ((5000, 4000), None)
+    with pytest.raises(ImageError, match="outside"):
+        measure_image("../elsewhere.png", base_dir=tmp_path, row_id="r")
+
+
+def test_shorten_url_keeps_a_data_urls_type_and_size_only():
+    url = "data:image/jpeg;base64," + "A" * 244_000
+
+    assert shorten_url(url) == "data:image/jpeg;base64,<183 kB>"
+
+
+def test_shorten_url_drops_query_strings_and_credentials():
+    url = "https://user:pw@acct.blob.core.windows.net/c/cat.jpg?sv=2024&sig=SECRET"
+
+    assert shorten_url(url) == "https://acct.blob.core.windows.net/c/cat.jpg?…"
+
+
+def test_shorten_url_leaves_local_paths_alone():
+    assert shorten_url("photos/cat.jpg") == "photos/cat.jpg"
