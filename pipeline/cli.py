@@ -13,13 +13,18 @@ from pathlib import Path
 
 import click
 
+import dataclasses
+import json
+
 from pipeline.config import load_config
 from pipeline.records import ConfigError
-from pipeline.runner import EXIT_ROW_ERRORS, EXIT_USAGE, RunOptions, RunSummary, run
+from pipeline.runner import EXIT_OUTPUT_FAILED, EXIT_USAGE, RunOptions, RunSummary, run
+from pipeline.status import format_status, read_status
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 every row ok or filtered; 1 some rows ended in error; 2 bad usage or config; "
-    "3 the endpoint refused us (key, deployment, route, quota gone); 130 interrupted."
+    "3 the endpoint refused us (key, deployment, route, quota gone); 4 the output could not be written; "
+    "130 interrupted."
 )
 
 
@@ -40,20 +45,32 @@ def main() -> None:
 @click.option("--manifest", required=True, type=click.Path(path_type=Path), help="CSV, JSONL, Parquet or a folder.")
 @click.option("--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Parquet dataset folder.")
 @click.option("--limit", type=click.IntRange(min=1), help="Send at most this many new rows.")
+@click.option("--retry-failed", is_flag=True, help="Send rows committed as error again; the newest row wins.")
+@click.option("--new-run", is_flag=True, help="OUTPUT was made with other settings: set its rows aside, start afresh.")
 @click.option("-v", "--verbose", count=True, help="More log detail.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
-def run_command(config: Path, manifest: Path, output: Path, limit: int | None, verbose: int, quiet: bool) -> None:
+def run_command(
+    config: Path,
+    manifest: Path,
+    output: Path,
+    limit: int | None,
+    retry_failed: bool,
+    new_run: bool,
+    verbose: int,
+    quiet: bool,
+) -> None:
     """Caption every manifest row not yet in OUTPUT; a rerun resumes where the last one stopped."""
     _setup_logging(verbose, quiet)
+    options = RunOptions(manifest, output, limit=limit, retry_failed=retry_failed, new_run=new_run)
     try:
         cfg = load_config(config)
-        summary = asyncio.run(run(cfg, RunOptions(manifest=manifest, output=output, limit=limit)))
+        summary = asyncio.run(run(cfg, options))
     except ConfigError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(EXIT_USAGE)
     except OSError as err:
-        click.echo(f"error: cannot write the output: {err}", err=True)
-        sys.exit(EXIT_ROW_ERRORS)
+        click.echo(f"error: cannot use the output {output}: {err}", err=True)
+        sys.exit(EXIT_OUTPUT_FAILED)
     click.echo(format_summary(summary))
     sys.exit(summary.exit_code)
 
@@ -72,6 +89,19 @@ def format_summary(summary: RunSummary) -> str:
     if summary.stopped_because:
         lines.append(f"stopped early: {summary.stopped_because}")
     return "\n".join(lines)
+
+
+@main.command(name="status")
+@click.argument("output", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
+def status_command(output: Path, as_json: bool) -> None:
+    """Rows by status, tokens, cost, the last run, and the failed rows with their reasons."""
+    try:
+        status = read_status(output)
+    except ConfigError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_USAGE)
+    click.echo(json.dumps(dataclasses.asdict(status), indent=2) if as_json else format_status(status))
 
 
 @main.command(name="emulator")

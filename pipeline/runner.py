@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import random
 import signal
@@ -48,6 +49,7 @@ EXIT_OK = 0  # every row ok or filtered
 EXIT_ROW_ERRORS = 1  # some rows ended in error (they are committed with the reason)
 EXIT_USAGE = 2  # bad usage or config
 EXIT_REFUSED = 3  # the endpoint refused us: key, deployment, route, or a quota that is gone
+EXIT_OUTPUT_FAILED = 4  # the output could not be written (disk full, permissions); committed rows stay valid
 EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM
 
 MANIFEST_BATCH_ROWS = 256  # rows read per thread hop
@@ -59,6 +61,8 @@ class RunOptions:
     manifest: Path
     output: Path
     limit: int | None = None  # send at most this many new rows
+    retry_failed: bool = False  # send rows committed as error again; the newest row wins
+    new_run: bool = False  # set aside rows made with other settings instead of refusing
     handle_signals: bool = True  # off when embedded in another program's loop
 
 
@@ -113,11 +117,31 @@ async def run(cfg: RunConfig, options: RunOptions) -> RunSummary:
     written. Every other way a run ends is in the summary's exit_code and stopped_because.
     """
     key = api_key(cfg)  # a missing key stops us before the output is touched
+    with checkpoint.output_lock(options.output):
+        return await _run_locked(cfg, options, key)
+
+
+async def _run_locked(cfg: RunConfig, options: RunOptions, key: str | None) -> RunSummary:
     loop = asyncio.get_running_loop()
     started_at, started = time.time(), loop.time()
-    run_id = checkpoint.new_run_id(started_at)
-    committed = await asyncio.to_thread(
-        checkpoint.open_output, options.output, cfg, options.manifest, run_id, started_at
+    resume = await asyncio.to_thread(
+        functools.partial(
+            checkpoint.open_output,
+            options.output,
+            cfg,
+            options.manifest,
+            started_at,
+            retry_failed=options.retry_failed,
+            new_run=options.new_run,
+        )
+    )
+    run_id = resume.run_id
+    if resume.archived:
+        log.warning("rows made with other settings moved to %s", resume.archived)
+    if resume.compacted:
+        log.info("removed %d rows superseded by newer ones (an earlier run stopped before compacting)", resume.compacted)
+    log.info(
+        "run %s: %d rows already committed, %d failed rows to retry", run_id, len(resume.skip), resume.retrying
     )
     async with contextlib.AsyncExitStack() as stack:
         if cfg.endpoint.provider == "emulator":
@@ -126,8 +150,11 @@ async def run(cfg: RunConfig, options: RunOptions) -> RunSummary:
         connector = aiohttp.TCPConnector(limit=cfg.limits.concurrency)
         session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
         client = Client(session, endpoint_for(cfg.endpoint, key), limits, cfg.limits, random.Random())
-        stages = _Stages(cfg, options, client, Sink(options.output, cfg.output, run_id), committed)
+        stages = _Stages(cfg, options, client, Sink(options.output, cfg.output, run_id), resume.skip)
         await stages.run()
+    if resume.retrying and stages.stop_code != EXIT_OUTPUT_FAILED:
+        superseded = await asyncio.to_thread(checkpoint.compact, options.output)
+        log.info("retried rows replaced %d earlier error rows", superseded)
     tally = stages.tally
     summary = RunSummary(
         output=options.output,
@@ -146,7 +173,10 @@ async def run(cfg: RunConfig, options: RunOptions) -> RunSummary:
         stopped_because=stages.stopped_because,
     )
     stats = {**dataclasses.asdict(summary), "output": str(summary.output), "rows": summary.rows}
-    await asyncio.to_thread(write_json_atomic, options.output / STATS_FILE, stats)
+    try:
+        await asyncio.to_thread(write_json_atomic, options.output / STATS_FILE, stats)
+    except OSError as err:
+        log.error("could not write %s: %s", STATS_FILE, err)
     return summary
 
 
@@ -213,11 +243,28 @@ class _Stages:
         except* RunAborted as group:
             log.error("run stopped: %s", group.exceptions[0])
             self.stop_code, self.stopped_because = EXIT_REFUSED, str(group.exceptions[0])
+        except* OSError as group:
+            self.output_failed(group.exceptions[0])
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
+            if self.stop_code != EXIT_OUTPUT_FAILED:
+                await self.flush_remaining()
+
+    async def flush_remaining(self) -> None:
+        """Commit every finished row, however the run ends."""
+        try:
             async with asyncio.timeout(self.cfg.limits.grace_s):
-                await self.sink.flush()  # every finished row is committed, however the run ends
+                await self.sink.flush()
+        except OSError as err:
+            self.output_failed(err)
+        except TimeoutError:
+            log.error("committing the last %d rows took longer than limits.grace_s", self.sink.buffered_rows)
+
+    def output_failed(self, err: BaseException) -> None:
+        message = f"cannot write to {self.options.output}: {err}; the rows committed before stay valid"
+        log.error("run stopped: %s", message)
+        self.stop_code, self.stopped_because = EXIT_OUTPUT_FAILED, message
 
     def on_signal(self, signame: str) -> None:
         if self.stopping.is_set():

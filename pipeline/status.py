@@ -1,0 +1,95 @@
+"""What an output holds: rows by status, tokens, cost, the last run, and the failed rows with reasons.
+
+``summarize`` is pure (an Arrow table and the run files in, a record out); ``read_status`` does the I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.records import ConfigError
+from pipeline.sink import RUN_FILE, STATS_FILE, part_files, read_output
+
+STATUS_COLUMNS = ("id", "status", "prompt_tokens", "completion_tokens", "cost_usd", "error", "finished_at")
+MAX_FAILED_LISTED = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class FailedRow:
+    row_id: str
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class OutputStatus:
+    output: str
+    rows: int
+    by_status: dict[str, int]
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    last_finished_at: str | None  # ISO 8601, UTC: the newest row's finish time
+    last_run: dict[str, Any] | None  # _stats.json of the last run, as written
+    failed: list[FailedRow]  # at most MAX_FAILED_LISTED, by id
+    failed_total: int
+
+
+def summarize(output: str, table: pa.Table, last_run: dict[str, Any] | None) -> OutputStatus:
+    """The status of an output from its committed rows. Pure."""
+    statuses = table.column("status").to_pylist()
+    by_status = {s: statuses.count(s) for s in ("ok", "filtered", "error")}
+    failed_table = table.filter(pc.equal(table.column("status"), "error")).sort_by("id")
+    failed = [
+        FailedRow(row["id"], row["error"]) for row in failed_table.slice(0, MAX_FAILED_LISTED).to_pylist()
+    ]
+    finished = pc.max(table.column("finished_at")).as_py() if table.num_rows else None
+    return OutputStatus(
+        output=output,
+        rows=table.num_rows,
+        by_status=by_status,
+        prompt_tokens=int(pc.sum(table.column("prompt_tokens")).as_py() or 0),
+        completion_tokens=int(pc.sum(table.column("completion_tokens")).as_py() or 0),
+        cost_usd=round(float(pc.sum(table.column("cost_usd")).as_py() or 0.0), 6),
+        last_finished_at=finished.isoformat() if finished else None,
+        last_run=last_run,
+        failed=failed,
+        failed_total=failed_table.num_rows,
+    )
+
+
+def read_status(output: Path) -> OutputStatus:
+    """Read an output folder's status. Raises ConfigError when it is not an output of ours."""
+    if not (output / RUN_FILE).exists() and not part_files(output):
+        raise ConfigError(f"{output}: not a vision-pipeline output (no {RUN_FILE}, no part files)")
+    stats_path = output / STATS_FILE
+    last_run = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.exists() else None
+    return summarize(str(output), read_output(output, STATUS_COLUMNS), last_run)
+
+
+def format_status(status: OutputStatus) -> str:
+    """The status as a few lines for a terminal."""
+    counts = status.by_status
+    lines = [
+        f"output: {status.output}",
+        f"rows: {status.rows} ({counts['ok']} ok, {counts['filtered']} filtered, {counts['error']} error)",
+        f"tokens: {status.prompt_tokens} prompt + {status.completion_tokens} completion; cost ${status.cost_usd:.4f}",
+        f"last row finished: {status.last_finished_at or 'never'}",
+    ]
+    if status.last_run:
+        run = status.last_run
+        lines.append(
+            f"last run: {run.get('run_id')}, exit code {run.get('exit_code')}, {run.get('rows')} rows in "
+            f"{run.get('duration_s')} s" + (f", stopped: {run['stopped_because']}" if run.get("stopped_because") else "")
+        )
+    if status.failed:
+        lines.append(f"failed rows ({status.failed_total}; `run --retry-failed` sends them again):")
+        lines += [f"  {row.row_id}: {row.error}" for row in status.failed]
+        if status.failed_total > len(status.failed):
+            lines.append(f"  … and {status.failed_total - len(status.failed)} more (see --json)")
+    return "\n".join(lines)
