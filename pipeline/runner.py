@@ -245,6 +245,9 @@ class _Stages:
             self.stop_code, self.stopped_because = EXIT_REFUSED, str(group.exceptions[0])
         except* OSError as group:
             self.output_failed(group.exceptions[0])
+        except* ConfigError as group:  # the manifest turned out unreadable partway
+            log.error("run stopped: %s", group.exceptions[0])
+            self.stop_code, self.stopped_because = EXIT_USAGE, str(group.exceptions[0])
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)

@@ -267,3 +267,12 @@ async def test_a_changed_prompt_against_an_existing_output_is_refused(tmp_path, 
             azure_config(emulator, request={"prompt": "Other"}),
             RunOptions(manifest, tmp_path / "out", handle_signals=False),
         )
+
+
+async def test_a_manifest_that_turns_out_unreadable_stops_the_run_with_exit_2(tmp_path, emulator, key_in_env):
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(b"id,image\n" + b"\xff\xfe not utf-8\n")
+
+    summary = await run(azure_config(emulator), RunOptions(manifest, tmp_path / "out", handle_signals=False))
+
+    assert summary.exit_code == 2 and "m.csv" in summary.stopped_because
