@@ -1,13 +1,13 @@
 """The command line: parse, call one public function, print, exit with a code cron understands.
 
 Exit codes: 0 every row ok or filtered; 1 some rows ended in error; 2 bad usage or config;
-3 the endpoint refused us (key, deployment, route, quota gone); 130 interrupted.
+3 the endpoint refused us (key, deployment, route, quota gone); 4 the output could not be written;
+130 interrupted (runner.EXIT_MEANINGS).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from pathlib import Path
 
@@ -17,21 +17,28 @@ import dataclasses
 import json
 
 from pipeline.config import load_config
+from pipeline.estimate import EstimateOptions, estimate, estimate_as_json, format_estimate, parse_window_h
+from pipeline.logs import LOG_FORMATS, LogFormat, setup_logging
+from pipeline.preview import preview_as_json, preview_first_request
 from pipeline.records import ConfigError
-from pipeline.runner import EXIT_OUTPUT_FAILED, EXIT_USAGE, RunOptions, RunSummary, run
+from pipeline.report import REPORT_FILE, write_report
+from pipeline.runner import (
+    EXIT_MEANINGS,
+    EXIT_OK,
+    EXIT_OUTPUT_FAILED,
+    EXIT_USAGE,
+    RunOptions,
+    RunSummary,
+    run,
+    summary_as_dict,
+)
 from pipeline.status import format_status, read_status
 
-EXIT_CODES_HELP = (
-    "Exit codes: 0 every row ok or filtered; 1 some rows ended in error; 2 bad usage or config; "
-    "3 the endpoint refused us (key, deployment, route, quota gone); 4 the output could not be written; "
-    "130 interrupted."
-)
+EXIT_CODES_HELP = "Exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_MEANINGS.items()) + "."
 
 
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("aiohttp").setLevel(logging.WARNING)
+def _setup_logging(verbose: int, quiet: bool, log_format: LogFormat = "auto") -> str:
+    return setup_logging(verbose, quiet, log_format)
 
 
 @click.group(epilog=EXIT_CODES_HELP)
@@ -47,8 +54,17 @@ def main() -> None:
 @click.option("--limit", type=click.IntRange(min=1), help="Send at most this many new rows.")
 @click.option("--retry-failed", is_flag=True, help="Send rows committed as error again; the newest row wins.")
 @click.option("--new-run", is_flag=True, help="OUTPUT was made with other settings: set its rows aside, start afresh.")
-@click.option("-v", "--verbose", count=True, help="More log detail.")
-@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.option("-v", "--verbose", count=True, help="More log detail (a line per row).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress display.")
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), default="auto", show_default=True,
+              help="json: one object per line on stderr, and the summary as one JSON line on stdout. "
+              "auto: json unless stderr is a terminal.")
+@click.option("--progress/--no-progress", default=None,
+              help="The live progress display on stderr. Default: on in a terminal with text logs.")
+@click.option("--metrics-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Keep this Prometheus textfile (*.prom) up to date during the run.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the first request that would be sent (images shortened, no key) and exit 0; send nothing.")
 def run_command(
     config: Path,
     manifest: Path,
@@ -58,12 +74,25 @@ def run_command(
     new_run: bool,
     verbose: int,
     quiet: bool,
+    log_format: LogFormat,
+    progress: bool | None,
+    metrics_file: Path | None,
+    dry_run: bool,
 ) -> None:
     """Caption every manifest row not yet in OUTPUT; a rerun resumes where the last one stopped."""
-    _setup_logging(verbose, quiet)
-    options = RunOptions(manifest, output, limit=limit, retry_failed=retry_failed, new_run=new_run)
+    chosen = _setup_logging(verbose, quiet, log_format)
+    if progress is None:
+        progress = chosen == "text" and not quiet and sys.stderr.isatty()
+    options = RunOptions(
+        manifest, output, limit=limit, retry_failed=retry_failed, new_run=new_run, progress=progress,
+        metrics_file=metrics_file,
+    )  # fmt: skip
     try:
         cfg = load_config(config)
+        if dry_run:
+            preview = preview_first_request(cfg, manifest, output, retry_failed=retry_failed)
+            click.echo(json.dumps(preview_as_json(preview), indent=2))
+            sys.exit(EXIT_OK)
         summary = asyncio.run(run(cfg, options))
     except ConfigError as err:
         click.echo(f"error: {err}", err=True)
@@ -71,7 +100,7 @@ def run_command(
     except OSError as err:
         click.echo(f"error: cannot use the output {output}: {err}", err=True)
         sys.exit(EXIT_OUTPUT_FAILED)
-    click.echo(format_summary(summary))
+    click.echo(json.dumps(summary_as_dict(summary)) if chosen == "json" else format_summary(summary))
     sys.exit(summary.exit_code)
 
 
@@ -83,7 +112,10 @@ def format_summary(summary: RunSummary) -> str:
         f"rows: {counts['ok']} ok, {counts['filtered']} filtered, {counts['error']} error"
         f" ({summary.skipped} already done, {summary.duplicates} duplicate ids ignored)",
         f"tokens: {summary.prompt_tokens} prompt + {summary.completion_tokens} completion; cost {cost}",
-        f"time: {summary.duration_s:.1f} s, {summary.retries} retries, {summary.pauses} pauses on 429",
+        (
+            f"time: {summary.duration_s:.1f} s ({summary.rows_per_s:.1f} rows/s), {summary.retries} retries, "
+            f"{summary.http_429s} answers 429, {summary.pauses} pauses ({summary.paused_s:.1f} s)"
+        ),
         f"output: {summary.output}",
     ]
     if summary.stopped_because:
@@ -102,6 +134,60 @@ def status_command(output: Path, as_json: bool) -> None:
         click.echo(f"error: {err}", err=True)
         sys.exit(EXIT_USAGE)
     click.echo(json.dumps(dataclasses.asdict(status), indent=2) if as_json else format_status(status))
+
+
+def _window_h(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    try:
+        return None if value is None else parse_window_h(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+@main.command(name="estimate")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--manifest", required=True, type=click.Path(path_type=Path), help="CSV, JSONL, Parquet or a folder.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (schema in the README), for scripts.")
+@click.option("--per-row", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write each row's images, prompt tokens and cost to this Parquet file.")
+@click.option("--observed", type=click.Path(file_okay=False, path_type=Path),
+              help="An earlier run's OUTPUT: its mean completion tokens, and its billed prompt tokens row by row.")
+@click.option("--window", "window_h", callback=_window_h, help="Does the run fit in this time? e.g. 6h, 90m, 1h30m.")
+@click.option("--probe-urls", is_flag=True, help="Size http(s) images from their first 64 KiB (Range requests).")
+def estimate_command(
+    config: Path, manifest: Path, as_json: bool, per_row: Path | None, observed: Path | None,
+    window_h: float | None, probe_urls: bool,
+) -> None:
+    """What captioning MANIFEST under CONFIG will cost and how long it will take; nothing is sent."""
+    _setup_logging(0, True)
+    options = EstimateOptions(
+        manifest, observed=observed, per_row=per_row, window_h=window_h, probe_urls=probe_urls
+    )
+    try:
+        result = asyncio.run(estimate(load_config(config), options))
+    except ConfigError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_USAGE)
+    except OSError as err:
+        click.echo(f"error: cannot write {per_row}: {err}", err=True)
+        sys.exit(EXIT_OUTPUT_FAILED)
+    click.echo(json.dumps(estimate_as_json(result), indent=2) if as_json else format_estimate(result))
+
+
+@main.command(name="report")
+@click.argument("output", type=click.Path(file_okay=False, path_type=Path))
+@click.option("-o", "--out", "dest", type=click.Path(dir_okay=False, path_type=Path),
+              help=f"Where to write the page (default OUTPUT/{REPORT_FILE}).")
+def report_command(output: Path, dest: Path | None) -> None:
+    """Write one self-contained HTML page about OUTPUT: summary, failed rows, filter hits, histograms, samples."""
+    try:
+        path = write_report(output, dest)
+    except ConfigError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_USAGE)
+    except OSError as err:
+        click.echo(f"error: cannot write the report: {err}", err=True)
+        sys.exit(EXIT_OUTPUT_FAILED)
+    click.echo(str(path))
 
 
 @main.command(name="emulator")

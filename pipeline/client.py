@@ -14,6 +14,7 @@ import logging
 import random
 import re
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -107,6 +108,16 @@ def classify(status: int, headers: Mapping[str, str], body: object, *, now: floa
     if status in RETRYABLE_STATUSES or status >= 500:
         return Verdict("retry", retry_after_s(headers, now=now))
     return Verdict("fail")  # 400, 413, 422 …: this row is wrong, sending it again will not help
+
+
+def retry_cause(status: int | None, err: BaseException | None = None) -> str:
+    """Why an attempt is tried again, as counted in ``_stats.json``: http_429, http_5xx, http_408, http_409,
+    bad_body (a 200 without choices), timeout, connection. Pure."""
+    if status is None:
+        return "timeout" if isinstance(err, asyncio.TimeoutError) else "connection"
+    if status == 200:
+        return "bad_body"
+    return "http_5xx" if status >= 500 else f"http_{status}"
 
 
 def error_code(body: object) -> str | None:
@@ -251,6 +262,8 @@ class Client:
         self.limits = limits
         self._cfg = cfg
         self._rng = rng
+        self.retries_by_cause: Counter[str] = Counter()  # attempts sent again, by retry_cause
+        self.http_429s = 0
 
     async def caption(self, task: ImageTask, body: Mapping[str, Any], reserve_tokens: int) -> Outcome:
         """Send one row, retrying what is worth retrying, and return its answer.
@@ -268,8 +281,12 @@ class Client:
             except (aiohttp.ClientError, asyncio.TimeoutError) as err:
                 reply, verdict = None, Verdict("retry")
                 last_status, last_reason = None, _describe_exception(err, cfg.timeout_s)
+                cause = retry_cause(None, err)
             else:
                 self.limits.observe(reply.headers)
+                if reply.status == 429:
+                    self.http_429s += 1
+                cause = retry_cause(reply.status)
                 verdict = classify(reply.status, reply.headers, reply.body, now=time.time())
                 last_status, last_reason = reply.status, f"HTTP {reply.status}: {error_message(reply.body, reply.text)}"
             if reply is not None and verdict.action in ("done", "filtered"):
@@ -293,8 +310,12 @@ class Client:
             if attempt == cfg.max_attempts:
                 break
             wait_s = verdict.wait_s if verdict.wait_s is not None else backoff_s(attempt, cfg, self._rng)
+            self.retries_by_cause[cause] += 1
             if last_status == 429:
-                log.info("429 from the endpoint: pausing every worker for %.2f s", wait_s)
+                log.info(
+                    "429 from the endpoint: pausing every worker for %.2f s", wait_s,
+                    extra={"event": "paused_on_429", "wait_s": round(wait_s, 3), "row_id": task.row_id},
+                )  # fmt: skip
                 self.limits.pause(wait_s)  # every worker waits: the quota is shared
             else:
                 await asyncio.sleep(wait_s)

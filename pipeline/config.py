@@ -64,9 +64,20 @@ class OutputConfig:
 
 @dataclass(frozen=True, slots=True)
 class ImagesConfig:
+    """How local (and, with fetch_remote, downloaded) images are read, checked and encoded for the wire."""
+
     jpeg_quality: int = 90
+    encoding: Literal["jpeg", "png"] = "jpeg"  # png: lossless, several times larger for photos
+    keep_alpha: bool = False  # true: an image with transparent pixels goes out as PNG with its alpha kept
     max_image_bytes: int = 20 * 1024 * 1024  # the service's limit per image
     max_pixels: int = 100_000_000  # larger images are refused as decompression bombs
+    # folders local images may be read from, relative ones to the manifest's folder; empty: that folder only
+    allowed_roots: tuple[str, ...] = ()
+    fetch_remote: bool = False  # download http(s) images and prepare them like local files; else pass the URL
+    allow_private_urls: bool = False  # let fetch_remote reach loopback, private and link-local addresses
+    max_remote_bytes: int = 50 * 1024 * 1024  # a download stops past this many bytes
+    remote_timeout_s: float = 30.0  # for one download, every redirect included
+    max_redirects: int = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +93,16 @@ class EmulatorConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PricingConfig:
+    """This config's prices, over the shipped table ``configs/prices.toml`` (see ``pricing.price_for_run``)."""
+
+    file: str = ""  # another price file, relative to this config's folder; empty: configs/prices.toml
+    input_per_1m: float | None = None  # US dollars per 1M prompt tokens for endpoint.model; with output_per_1m
+    output_per_1m: float | None = None  # these two replace the file's entry (0 for a free local server)
+    batch_discount: float | None = None  # share the Batch API takes off; unset: the file's, or 0 inline
+
+
+@dataclass(frozen=True, slots=True)
 class RunConfig:
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
     request: RequestConfig = field(default_factory=RequestConfig)
@@ -89,6 +110,7 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     emulator: EmulatorConfig = field(default_factory=EmulatorConfig)
+    pricing: PricingConfig = field(default_factory=PricingConfig)
     source: str = "<defaults>"  # the file it came from, for messages
 
     @property
@@ -105,6 +127,7 @@ _SECTION_TYPES = {
     "output": OutputConfig,
     "images": ImagesConfig,
     "emulator": EmulatorConfig,
+    "pricing": PricingConfig,
 }
 
 
@@ -190,8 +213,14 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where} = {value!r}: must be a string")
         return value
-    if isinstance(hint, types.UnionType):  # pragma: no cover - no optional settings yet
-        return value
+    if typing.get_origin(hint) is tuple:  # a list in TOML, e.g. images.allowed_roots = ["/data/photos"]
+        if not isinstance(value, list):
+            raise ConfigError(f'{where} = {value!r}: must be a list, e.g. ["/data/photos"]')
+        (item_hint, _) = typing.get_args(hint)  # tuple[X, ...]
+        return tuple(_coerce(item_hint, item, f"{where}[{n}]") for n, item in enumerate(value))
+    if isinstance(hint, types.UnionType):  # an optional setting: TOML has no null, so check the value's type
+        arms = [arm for arm in typing.get_args(hint) if arm is not type(None)]
+        return _coerce(arms[0], value, where) if len(arms) == 1 else value
     raise ConfigError(f"{where}: unsupported setting type {hint}")  # pragma: no cover
 
 
@@ -216,6 +245,8 @@ def _check(cfg: RunConfig) -> None:
         "output.flush_seconds": cfg.output.flush_seconds,
         "images.max_image_bytes": cfg.images.max_image_bytes,
         "images.max_pixels": cfg.images.max_pixels,
+        "images.max_remote_bytes": cfg.images.max_remote_bytes,
+        "images.remote_timeout_s": cfg.images.remote_timeout_s,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -230,6 +261,7 @@ def _check(cfg: RunConfig) -> None:
         "emulator.latency_s": cfg.emulator.latency_s,
         "emulator.tokens_per_minute": cfg.emulator.tokens_per_minute,
         "emulator.requests_per_minute": cfg.emulator.requests_per_minute,
+        "images.max_redirects": cfg.images.max_redirects,
     }
     for key, value in not_negative.items():
         if value < 0:
@@ -239,6 +271,22 @@ def _check(cfg: RunConfig) -> None:
             raise ConfigError(f"{src}: emulator.{key} must be between 0 and 1")
     if not 1 <= cfg.images.jpeg_quality <= 95:
         raise ConfigError(f"{src}: images.jpeg_quality = {cfg.images.jpeg_quality}: must be 1..95")
+    for n, root in enumerate(cfg.images.allowed_roots):
+        if not root.strip():
+            raise ConfigError(f"{src}: images.allowed_roots[{n}] is empty: name a folder")
+    _check_pricing(cfg)
+
+
+def _check_pricing(cfg: RunConfig) -> None:
+    src, pricing = cfg.source, cfg.pricing
+    for key in ("input_per_1m", "output_per_1m"):
+        value = getattr(pricing, key)
+        if value is not None and value < 0:
+            raise ConfigError(f"{src}: pricing.{key} = {value}: must not be negative")
+    if (pricing.input_per_1m is None) != (pricing.output_per_1m is None):
+        raise ConfigError(f"{src}: pricing.input_per_1m and pricing.output_per_1m go together: set both or neither")
+    if pricing.batch_discount is not None and not 0 <= pricing.batch_discount <= 1:
+        raise ConfigError(f"{src}: pricing.batch_discount = {pricing.batch_discount}: must be between 0 and 1")
 
 
 def api_key(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> str | None:

@@ -1,11 +1,27 @@
 """Reading, sniffing, orienting, downscaling and encoding images for the wire.
 
-A local image is sent as a JPEG data URL of exactly the pixels the service looks at
-(``tokens.viewed_size``): smaller requests, the same bill. Remote http(s) URLs and data URLs pass
-through untouched. Everything here blocks on Pillow: call it from a thread, never from the event loop.
+A local image (or, with ``images.fetch_remote``, a downloaded one: ``prepare_image_bytes``) is sent as a
+data URL of exactly the pixels the service looks at (``tokens.viewed_size``): smaller requests, the same
+bill. Remote http(s) URLs and data URLs pass through untouched. Everything here blocks on Pillow: call it
+from a thread, never from the event loop. Nothing here speaks HTTP (``remote.py`` downloads).
 
 Formats are sniffed from the bytes, never from the file name: JPEG (MPO counts as JPEG), PNG, WebP,
-GIF (its first frame), BMP and TIFF (its first page).
+GIF (its first frame), BMP, TIFF (its first page), AVIF (Pillow >= 11.3 reads it natively) and
+HEIC/HEIF when a HEIF plugin is installed (``pi-heif``, decode-only; ``pillow-heif`` works too). Without
+one, a HEIC file is refused with a reason that says what to install.
+
+Encoding: JPEG at ``images.jpeg_quality`` by default; ``images.encoding = "png"`` sends lossless PNG.
+Transparency: the service does not document how it composites alpha, so by default transparent pixels
+are flattened onto white, as viewers show them, and the model sees what a person sees. With
+``images.keep_alpha = true`` an image that has transparent pixels goes out as an RGBA PNG whatever the
+encoding (JPEG has no alpha), for users whose images mean something by their transparency. An alpha
+channel that is fully opaque is dropped either way.
+
+``detail = "auto"`` is prepared like ``high``. The reference says only that the service "decides between
+low or high based on the size of the image input". The high view leaves an image alone unless its short
+side is over 768 px or its long side over 2048 px, and then keeps its long side at 768 px or more; so an
+image that fits the 512×512 low view still does and one that does not still does not, and any threshold
+on the long side up to 768 px decides the same for the prepared image as for the original.
 """
 
 from __future__ import annotations
@@ -17,6 +33,7 @@ import re
 import stat
 import struct
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -26,18 +43,47 @@ from pipeline import tokens
 from pipeline.config import ImagesConfig
 from pipeline.records import Detail, ImageError, PreparedImage
 
-SNIFFED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # Pillow opens MPO through its JPEG plugin
-SUPPORTED_NAMES = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+try:  # decode-only HEIF support; optional so that a plain `pip install` still works without it
+    import pi_heif as _heif_plugin
+except ImportError:  # pragma: no cover - requirements.lock installs pi-heif
+    try:
+        import pillow_heif as _heif_plugin  # type: ignore[no-redef]
+    except ImportError:
+        _heif_plugin = None  # type: ignore[assignment]
+if _heif_plugin is not None:
+    _heif_plugin.register_heif_opener()
+
+Image.init()  # registers every format plugin: Image.open(formats=...) only knows those already loaded
+
+# Tried in this order. AVIF before HEIF: a HEIF plugin may claim AVIF files it has no decoder for.
+_WANTED_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "GIF": "GIF", "BMP": "BMP", "TIFF": "TIFF",
+                   "AVIF": "AVIF", "HEIF": "HEIC"}  # fmt: skip
+SNIFFED_FORMATS = tuple(name for name in _WANTED_FORMATS if name in Image.OPEN)  # MPO opens as JPEG
+_NAMES = [_WANTED_FORMATS[name] for name in SNIFFED_FORMATS]
+SUPPORTED_NAMES = ", ".join(_NAMES[:-1]) + " or " + _NAMES[-1]
+
+# ISO base media files (HEIF, AVIF) start with an ftyp box: size, "ftyp", major brand, version, brands.
+HEIF_BRANDS = frozenset(
+    {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
+)
+AVIF_BRANDS = frozenset({b"avif", b"avis"})
+SNIFF_BYTES = 64
+
 FLATTEN_ONTO_RGB = (255, 255, 255)  # transparent pixels become white, as most viewers show them
-RESIZE_REDUCING_GAP = 3.0  # Pillow: box-reduce first, then LANCZOS; indistinguishable from LANCZOS alone
+# Bicubic, not Lanczos: a 12 Mpx photo takes ~49 ms of CPU instead of ~59 (bench/images_bench.py), and on
+# fine print the result is within 1 dB of Lanczos once JPEG-encoded (bilinear loses 7 dB there). The
+# service's own filter is not documented; the pixel count, which is what it bills, is the same either way.
+RESAMPLE_FILTER = Image.Resampling.BICUBIC
+RESIZE_REDUCING_GAP = 3.0  # Pillow: box-reduce by whole factors first when the image is 6× the target or more
+PNG_COMPRESS_LEVEL = 3  # zlib-ng: smaller than level 6 on photos, in half the time; 9: 11× slower, 5 % less
 # 16-bit samples: Pillow opens 16-bit greyscale PNG and TIFF as I;16 (older Pillow as I)
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 ORIENTATIONS_SWAPPING_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the picture a quarter
 
 # Anything of more than images.max_pixels is refused from its header, before decoding, so Pillow's
 # warning for images between its own limit (~89 Mpx) and ours is noise in an unattended run.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-Image.init()  # registers every format plugin: Image.open(formats=...) only knows those already loaded
 
 _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _DATA_URL_HEAD_CHARS = 64  # how much of a malformed data URL's header a log line may show
@@ -48,14 +94,15 @@ def prepare_image(
 ) -> PreparedImage:
     """The image `ref` ready to send, with the size the model will view.
 
-    `ref` is the manifest's reference: an http(s) URL (passed through, size unknown), a base64
-    ``data:`` URL (passed through, size read from its header), or a path relative to `base_dir` that
-    must stay inside it once resolved. A local image is oriented by EXIF, made RGB (alpha flattened onto
-    white), shrunk to ``tokens.viewed_size`` of its oriented size (never enlarged) and encoded as JPEG at
-    ``cfg.jpeg_quality``; so it costs the same tokens as the original. Blocks: decodes with Pillow.
+    `ref` is the manifest's reference: an http(s) URL (passed through, size unknown; the runner downloads
+    it first when ``cfg.fetch_remote``), a base64 ``data:`` URL (passed through, size read from its
+    header), or a path relative to `base_dir` that must stay inside ``cfg.allowed_roots`` (default:
+    `base_dir`) once resolved. A local image is oriented by EXIF, made RGB (see the module's notes on
+    alpha), shrunk to ``tokens.viewed_size`` of its oriented size (never enlarged) and encoded as
+    ``cfg.encoding``; so it costs the same tokens as the original. Blocks: decodes with Pillow.
 
     Raises ImageError (one line naming the row and the reference, never a data URL or file bytes) for
-    another URL scheme, a path outside `base_dir`, a missing, empty, unreadable, truncated or
+    another URL scheme, a path outside the allowed folders, a missing, empty, unreadable, truncated or
     unsupported file, more than ``cfg.max_pixels`` pixels, or more than ``cfg.max_image_bytes`` to send.
     """
     scheme = _scheme(ref)
@@ -67,8 +114,21 @@ def prepare_image(
         raise ImageError(
             row_id, f"{scheme}: URLs are not supported (use http(s), data: or a path)", path=shorten_url(ref)
         )
-    path = _local_path(ref, base_dir=base_dir, row_id=row_id)
-    return _prepare_file(path, ref=ref, detail=detail, cfg=cfg, row_id=row_id)
+    path = _local_path(ref, base_dir=base_dir, allowed_roots=cfg.allowed_roots, row_id=row_id)
+    return _prepare(path, ref=ref, detail=detail, cfg=cfg, row_id=row_id)
+
+
+def prepare_image_bytes(
+    data: bytes, *, ref: str, detail: Detail, cfg: ImagesConfig, row_id: str
+) -> PreparedImage:
+    """Downloaded image bytes ready to send, exactly as ``prepare_image`` prepares a local file.
+
+    `ref` names the image in errors (pass the URL; it is shortened). Blocks. Raises ImageError.
+    """
+    short = shorten_url(ref)
+    if not data:
+        raise ImageError(row_id, "download is empty (0 bytes)", path=short)
+    return _prepare(io.BytesIO(data), ref=short, detail=detail, cfg=cfg, row_id=row_id)
 
 
 def read_image_size(path: Path) -> tuple[int, int]:
@@ -84,11 +144,13 @@ def read_image_size(path: Path) -> tuple[int, int]:
         raise OSError(f"{path}: {err}") from err
 
 
-def measure_image(ref: str, *, base_dir: Path, row_id: str) -> tuple[int, int] | None:
+def measure_image(
+    ref: str, *, base_dir: Path, row_id: str, allowed_roots: Sequence[str] = ()
+) -> tuple[int, int] | None:
     """The pixel size of image `ref` as ``prepare_image`` would see it, from headers only; None for http(s).
 
-    For the estimator: the same reference rules and errors as ``prepare_image`` without decoding or
-    encoding anything. Raises ImageError.
+    For the estimator: the same reference rules and errors as ``prepare_image`` (pass the run's
+    ``images.allowed_roots``) without decoding or encoding anything. Raises ImageError.
     """
     scheme = _scheme(ref)
     if scheme in ("http", "https"):
@@ -100,7 +162,7 @@ def measure_image(ref: str, *, base_dir: Path, row_id: str) -> tuple[int, int] |
         raise ImageError(
             row_id, f"{scheme}: URLs are not supported (use http(s), data: or a path)", path=shorten_url(ref)
         )
-    path = _local_path(ref, base_dir=base_dir, row_id=row_id)
+    path = _local_path(ref, base_dir=base_dir, allowed_roots=allowed_roots, row_id=row_id)
     return _header_size(path, ref=ref, row_id=row_id)
 
 
@@ -125,7 +187,9 @@ def shorten_url(url: str) -> str:
     except ValueError:  # a malformed port or host: show the scheme only
         return f"{_scheme(url)}://<malformed>"
     dropped = "?…" if parts.query or parts.fragment else ""
-    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}{dropped}"
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address keeps its brackets
+    return f"{parts.scheme}://{host}{port}{parts.path}{dropped}"
 
 
 def _scheme(ref: str) -> str | None:
@@ -136,13 +200,21 @@ def _scheme(ref: str) -> str | None:
     return match.group(1).lower() if match else None
 
 
-def _local_path(ref: str, *, base_dir: Path, row_id: str) -> Path:
-    """`ref` resolved against `base_dir`: inside it once links are followed, and a non-empty regular file."""
-    root = base_dir.resolve()
+def _local_path(ref: str, *, base_dir: Path, allowed_roots: Sequence[str], row_id: str) -> Path:
+    """`ref` resolved against `base_dir`: inside an allowed root once links are followed, a non-empty file.
+
+    The roots are `allowed_roots` (relative ones against `base_dir`), or `base_dir` alone when empty.
+    """
+    base = base_dir.resolve()
     try:
-        path = (root / ref).resolve()
-        if not path.is_relative_to(root):
-            raise ImageError(row_id, f"outside the manifest's folder {root}", path=ref)
+        roots = [(base / Path(root).expanduser()).resolve() for root in allowed_roots] or [base]
+        path = (base / ref).resolve()
+        if not any(path.is_relative_to(root) for root in roots):
+            if allowed_roots:
+                raise ImageError(
+                    row_id, f"outside images.allowed_roots ({', '.join(map(str, roots))})", path=ref
+                )
+            raise ImageError(row_id, f"outside the manifest's folder {base}", path=ref)
         st = path.stat()
     except FileNotFoundError:
         raise ImageError(row_id, "file not found", path=ref) from None
@@ -157,10 +229,13 @@ def _local_path(ref: str, *, base_dir: Path, row_id: str) -> Path:
     return path
 
 
-def _prepare_file(path: Path, *, ref: str, detail: Detail, cfg: ImagesConfig, row_id: str) -> PreparedImage:
+def _prepare(
+    source: Path | io.BytesIO, *, ref: str, detail: Detail, cfg: ImagesConfig, row_id: str
+) -> PreparedImage:
+    """Decode, orient, convert, shrink to the viewed size and encode one image file or buffer."""
     try:
-        source_bytes = path.stat().st_size
-        with Image.open(path, formats=SNIFFED_FORMATS) as im:
+        source_bytes = source.getbuffer().nbytes if isinstance(source, io.BytesIO) else source.stat().st_size
+        with Image.open(source, formats=SNIFFED_FORMATS) as im:
             stored_w, stored_h = im.size
             _check_pixels(stored_w, stored_h, cfg=cfg, ref=ref, row_id=row_id)
             turns = im.getexif().get(ExifTags.Base.Orientation) in ORIENTATIONS_SWAPPING_SIDES
@@ -171,49 +246,89 @@ def _prepare_file(path: Path, *, ref: str, detail: Detail, cfg: ImagesConfig, ro
                 im.draft("RGB", (target[1], target[0]) if turns else target)
             im.load()  # decodes; a truncated file raises here
             ImageOps.exif_transpose(im, in_place=True)  # in place: no second full-size copy
-            rgb = _to_rgb(im)
-            if rgb.size != target:
-                rgb = rgb.resize(target, Image.Resampling.LANCZOS, reducing_gap=RESIZE_REDUCING_GAP)
-            buffer = io.BytesIO()
-            rgb.save(buffer, "JPEG", quality=cfg.jpeg_quality, optimize=False)  # optimize: slow, little gain
+            ready = _to_rgb(im, keep_alpha=cfg.keep_alpha)
+            if ready.size != target:
+                ready = ready.resize(target, RESAMPLE_FILTER, reducing_gap=RESIZE_REDUCING_GAP)
+            mime, encoded = _encode(ready, cfg)
     except FileNotFoundError:
         raise ImageError(row_id, "file not found", path=ref) from None
     except PermissionError as err:
         raise ImageError(row_id, f"cannot read: {err.strerror or err}", path=ref) from None
     except UnidentifiedImageError:
-        raise ImageError(row_id, f"not a {SUPPORTED_NAMES} image", path=ref) from None
+        raise ImageError(row_id, _unidentified_reason(_head(source)), path=ref) from None
     except Image.DecompressionBombError as err:
         raise ImageError(row_id, f"too many pixels to decode safely: {_one_line(err)}", path=ref) from None
     except (OSError, ValueError, EOFError, SyntaxError, struct.error) as err:  # Pillow's decoders on bad data
         raise ImageError(row_id, f"damaged or truncated image: {_one_line(err)}", path=ref) from None
-    jpeg = buffer.getvalue()
-    if len(jpeg) > cfg.max_image_bytes:
+    if len(encoded) > cfg.max_image_bytes:
+        kind = mime.removeprefix("image/").upper()
         raise ImageError(
             row_id,
-            f"{len(jpeg):,} bytes as JPEG is more than images.max_image_bytes = {cfg.max_image_bytes:,}",
+            f"{len(encoded):,} bytes as {kind} is more than images.max_image_bytes = {cfg.max_image_bytes:,}",
             path=ref,
         )
     return PreparedImage(
-        url="data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii"),
+        url=f"data:{mime};base64," + base64.b64encode(encoded).decode("ascii"),
         width=target[0],
         height=target[1],
         source_bytes=source_bytes,
-        sent_bytes=len(jpeg),
+        sent_bytes=len(encoded),
     )
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """`im` as 8-bit RGB: 16-bit samples scaled down, transparency flattened onto white."""
+def _to_rgb(im: Image.Image, *, keep_alpha: bool) -> Image.Image:
+    """`im` as 8-bit RGB: 16-bit samples scaled down, transparency flattened onto white.
+
+    With `keep_alpha`, an image with at least one transparent pixel comes back as RGBA instead.
+    """
     if im.mode in SIXTEEN_BIT_MODES:
         im = im.convert("I").point(lambda v: v / 256).convert("L")  # a plain convert clips at 255: all white
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if im.mode in ALPHA_MODES:
         rgba = im.convert("RGBA")
+        alpha = rgba.getchannel("A")
+        if alpha.getextrema()[0] == 255:  # an alpha channel that hides nothing
+            return rgba.convert("RGB")
+        if keep_alpha:
+            return rgba
         flat = Image.new("RGB", rgba.size, FLATTEN_ONTO_RGB)
-        flat.paste(rgba, mask=rgba.getchannel("A"))
+        flat.paste(rgba, mask=alpha)
         return flat
     return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _encode(im: Image.Image, cfg: ImagesConfig) -> tuple[str, bytes]:
+    """`im` (RGB, or RGBA to keep) as the bytes to send and their MIME type."""
+    buffer = io.BytesIO()
+    if im.mode == "RGBA" or cfg.encoding == "png":
+        im.save(buffer, "PNG", compress_level=PNG_COMPRESS_LEVEL)
+        return "image/png", buffer.getvalue()
+    im.save(buffer, "JPEG", quality=cfg.jpeg_quality, optimize=False)  # optimize: slow, little gain
+    return "image/jpeg", buffer.getvalue()
+
+
+def _head(source: Path | io.BytesIO) -> bytes:
+    """The first bytes of a file or buffer, to say what an unreadable image is."""
+    if isinstance(source, io.BytesIO):
+        return source.getvalue()[:SNIFF_BYTES]
+    try:
+        with open(source, "rb") as f:
+            return f.read(SNIFF_BYTES)
+    except OSError:
+        return b""
+
+
+def _unidentified_reason(head: bytes) -> str:
+    """Why Pillow opened none of our formats: one we know but cannot read on this install, or another one."""
+    if head[4:8] == b"ftyp":
+        box_end = min(len(head), int.from_bytes(head[:4], "big"))
+        brands = {head[8:12]} | {head[i : i + 4] for i in range(16, box_end - 3, 4)}
+        if brands & AVIF_BRANDS:
+            return "AVIF image, but this Pillow cannot read AVIF: install Pillow 11.3 or newer from a wheel"
+        if brands & HEIF_BRANDS:
+            return "HEIC/HEIF image, but no HEIF reader is installed: pip install pi-heif"
+    return f"not a {SUPPORTED_NAMES} image"
 
 
 def _prepare_data_url(url: str, *, cfg: ImagesConfig, row_id: str) -> PreparedImage:
@@ -251,7 +366,7 @@ def _header_size(source: Path | io.BytesIO, *, ref: str, row_id: str) -> tuple[i
         with Image.open(source, formats=SNIFFED_FORMATS) as im:
             return im.size
     except UnidentifiedImageError:
-        raise ImageError(row_id, f"not a {SUPPORTED_NAMES} image", path=ref) from None
+        raise ImageError(row_id, _unidentified_reason(_head(source)), path=ref) from None
     except Image.DecompressionBombError as err:
         raise ImageError(row_id, f"too many pixels to decode safely: {_one_line(err)}", path=ref) from None
     except OSError as err:

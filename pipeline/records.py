@@ -89,6 +89,31 @@ class VisionResult:
     error: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class RunProgress:
+    """How far a run has got: what the progress display and the metrics file read every few seconds."""
+
+    elapsed_s: float
+    rows_total: int | None  # rows in the manifest (an upper bound for CSV/JSONL); None while counting, or a folder
+    rows_before: int  # rows with nothing to send: committed by an earlier run, or a repeated id
+    rows_limit: int | None  # at most this many rows this run (--limit)
+    ok: int  # rows finished by this run, by status
+    filtered: int
+    error: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float | None  # None when the model has no price
+    http_429s: int
+    retries: int
+    paused_s: float
+    is_paused: bool
+    tokens_per_minute: int  # the budget, limits.tokens_per_minute
+
+    @property
+    def rows_done(self) -> int:
+        return self.ok + self.filtered + self.error
+
+
 # Errors. Row errors fail one row, which is committed with status "error"; run errors end the run.
 # Every message is one line that names the row, the file or the setting, and never a key or a data URL.
 

@@ -16,8 +16,9 @@ import logging
 import random
 import signal
 import time
+from array import array
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -26,10 +27,12 @@ import aiohttp
 from pipeline import checkpoint
 from pipeline.client import Client, Outcome, build_body, endpoint_for
 from pipeline.config import RunConfig, api_key
-from pipeline.images import prepare_image
+from pipeline.images import prepare_image, prepare_image_bytes
 from pipeline.limits import Limits
-from pipeline.manifest import manifest_base_dir, read_manifest
+from pipeline.manifest import count_rows, manifest_base_dir, read_manifest
+from pipeline.metrics import publish_metrics
 from pipeline.pricing import Price, load_prices, price_for, usage_cost_usd
+from pipeline.progress import show_progress
 from pipeline.records import (
     ApiError,
     ConfigError,
@@ -38,8 +41,10 @@ from pipeline.records import (
     PreparedImage,
     RowError,
     RunAborted,
+    RunProgress,
     VisionResult,
 )
+from pipeline.remote import fetch_image, is_remote_url, open_session
 from pipeline.sink import STATS_FILE, Sink, write_json_atomic
 from pipeline.tokens import count_prompt_tokens
 
@@ -51,6 +56,14 @@ EXIT_USAGE = 2  # bad usage or config
 EXIT_REFUSED = 3  # the endpoint refused us: key, deployment, route, or a quota that is gone
 EXIT_OUTPUT_FAILED = 4  # the output could not be written (disk full, permissions); committed rows stay valid
 EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM
+EXIT_MEANINGS = {  # for --help, the README's table and the report
+    EXIT_OK: "every row ok or filtered",
+    EXIT_ROW_ERRORS: "some rows ended in error",
+    EXIT_USAGE: "bad usage or config",
+    EXIT_REFUSED: "the endpoint refused us (key, deployment, route, quota gone)",
+    EXIT_OUTPUT_FAILED: "the output could not be written",
+    EXIT_INTERRUPTED: "interrupted",
+}
 
 MANIFEST_BATCH_ROWS = 256  # rows read per thread hop
 QUEUE_ROWS_PER_WORKER = 2
@@ -64,6 +77,8 @@ class RunOptions:
     retry_failed: bool = False  # send rows committed as error again; the newest row wins
     new_run: bool = False  # set aside rows made with other settings instead of refusing
     handle_signals: bool = True  # off when embedded in another program's loop
+    progress: bool = False  # draw the live progress display on stderr (progress.py)
+    metrics_file: Path | None = None  # keep this Prometheus textfile up to date (metrics.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +97,10 @@ class RunSummary:
     duration_s: float
     exit_code: int
     stopped_because: str | None = None  # why the run ended early, one line
+    rows_per_s: float = 0.0  # rows of this run per second of its duration
+    http_429s: int = 0
+    retries_by_cause: dict[str, int] = field(default_factory=dict)  # see client.retry_cause
+    latency_percentiles_s: dict[str, float] = field(default_factory=dict)  # p50, p90, p99 of this run's rows
 
     @property
     def rows(self) -> int:
@@ -99,10 +118,13 @@ class _Tally:
     completion_tokens: int = 0
     cost_usd: float = 0.0
     retries: int = 0
+    latencies_s: array[float] = field(default_factory=lambda: array("d"))  # 8 bytes a row
 
     def add(self, result: VisionResult) -> None:
         self.counts[result.status] += 1
         self.retries += max(0, result.attempts - 1)
+        if result.latency_s is not None:
+            self.latencies_s.append(result.latency_s)
         if result.usage is not None:
             self.prompt_tokens += result.usage.prompt_tokens
             self.completion_tokens += result.usage.completion_tokens
@@ -141,8 +163,10 @@ async def _run_locked(cfg: RunConfig, options: RunOptions, key: str | None) -> R
     if resume.compacted:
         log.info("removed %d rows superseded by newer ones (an earlier run stopped before compacting)", resume.compacted)
     log.info(
-        "run %s: %d rows already committed, %d failed rows to retry", run_id, len(resume.skip), resume.retrying
-    )
+        "run %s: %d rows already committed, %d failed rows to retry", run_id, len(resume.skip), resume.retrying,
+        extra={"event": "run_started", "run_id": run_id, "manifest": str(options.manifest),
+               "output": str(options.output), "committed": len(resume.skip), "retrying": resume.retrying},
+    )  # fmt: skip
     async with contextlib.AsyncExitStack() as stack:
         if cfg.endpoint.provider == "emulator":
             cfg = await _start_emulator(cfg, key, stack)
@@ -156,6 +180,7 @@ async def _run_locked(cfg: RunConfig, options: RunOptions, key: str | None) -> R
         superseded = await asyncio.to_thread(checkpoint.compact, options.output)
         log.info("retried rows replaced %d earlier error rows", superseded)
     tally = stages.tally
+    duration_s = loop.time() - started
     summary = RunSummary(
         output=options.output,
         run_id=run_id,
@@ -168,16 +193,26 @@ async def _run_locked(cfg: RunConfig, options: RunOptions, key: str | None) -> R
         retries=tally.retries,
         pauses=limits.pauses,
         paused_s=round(limits.paused_s, 3),
-        duration_s=round(loop.time() - started, 3),
+        duration_s=round(duration_s, 3),
         exit_code=stages.exit_code(),
         stopped_because=stages.stopped_because,
+        rows_per_s=round(sum(tally.counts.values()) / duration_s, 3) if duration_s > 0 else 0.0,
+        http_429s=client.http_429s,
+        retries_by_cause=dict(sorted(client.retries_by_cause.items())),
+        latency_percentiles_s=latency_percentiles(tally.latencies_s),
     )
-    stats = {**dataclasses.asdict(summary), "output": str(summary.output), "rows": summary.rows}
+    stats = summary_as_dict(summary)
+    log.info("run %s finished with exit code %d", run_id, summary.exit_code, extra={"event": "run_finished", **stats})
     try:
         await asyncio.to_thread(write_json_atomic, options.output / STATS_FILE, stats)
     except OSError as err:
         log.error("could not write %s: %s", STATS_FILE, err)
     return summary
+
+
+def summary_as_dict(summary: RunSummary) -> dict[str, object]:
+    """The summary as ``_stats.json`` holds it (and ``run --log-format json`` prints it)."""
+    return {**dataclasses.asdict(summary), "output": str(summary.output), "rows": summary.rows}
 
 
 def _price_or_none(model: str) -> Price | None:
@@ -221,6 +256,8 @@ class _Stages:
         self.tasks: list[asyncio.Task[None]] = []
         self.stopped_because: str | None = None
         self.stop_code: int | None = None
+        self.started = asyncio.get_running_loop().time()
+        self.rows_total: int | None = None  # counted in a thread for the progress display
 
     def exit_code(self) -> int:
         if self.stop_code is not None:
@@ -238,15 +275,22 @@ class _Stages:
                 tg.create_task(self.sink.flush_every(self.cfg.output.flush_seconds, workers_done), name="flusher")
                 workers = [tg.create_task(self.work(), name=f"worker-{n}") for n in range(self.cfg.limits.concurrency)]
                 self.tasks = [*workers, tg.create_task(self.produce(), name="producer")]
+                counting = tg.create_task(self.count_total(), name="count-rows") if self.options.progress else None
+                if self.options.progress:
+                    tg.create_task(show_progress(self.progress, workers_done), name="progress")
+                if self.options.metrics_file is not None:
+                    tg.create_task(publish_metrics(self.options.metrics_file, self.progress, workers_done), name="metrics")
                 await asyncio.wait(workers)
                 workers_done.set()
+                if counting is not None:
+                    counting.cancel()  # a --limit run on a huge manifest does not wait for the count
         except* RunAborted as group:
-            log.error("run stopped: %s", group.exceptions[0])
+            log.error("run stopped: %s", group.exceptions[0], extra={"event": "run_stopped", "exit_code": EXIT_REFUSED})
             self.stop_code, self.stopped_because = EXIT_REFUSED, str(group.exceptions[0])
         except* OSError as group:
             self.output_failed(group.exceptions[0])
         except* ConfigError as group:  # the manifest turned out unreadable partway
-            log.error("run stopped: %s", group.exceptions[0])
+            log.error("run stopped: %s", group.exceptions[0], extra={"event": "run_stopped", "exit_code": EXIT_USAGE})
             self.stop_code, self.stopped_because = EXIT_USAGE, str(group.exceptions[0])
         finally:
             for sig in signals:
@@ -266,7 +310,7 @@ class _Stages:
 
     def output_failed(self, err: BaseException) -> None:
         message = f"cannot write to {self.options.output}: {err}; the rows committed before stay valid"
-        log.error("run stopped: %s", message)
+        log.error("run stopped: %s", message, extra={"event": "run_stopped", "exit_code": EXIT_OUTPUT_FAILED})
         self.stop_code, self.stopped_because = EXIT_OUTPUT_FAILED, message
 
     def on_signal(self, signame: str) -> None:
@@ -286,7 +330,36 @@ class _Stages:
 
     async def commit(self, result: VisionResult) -> None:
         self.tally.add(result)
+        log.debug("row %r: %s after %d attempts", result.task.row_id, result.error or result.status, result.attempts)
         await self.sink.put(result)
+
+    def progress(self) -> RunProgress:
+        """How far the run has got, for the progress display and the metrics file."""
+        tally, limits = self.tally, self.client.limits
+        return RunProgress(
+            elapsed_s=asyncio.get_running_loop().time() - self.started,
+            rows_total=self.rows_total,
+            rows_before=tally.skipped + tally.duplicates,
+            rows_limit=self.options.limit,
+            ok=tally.counts["ok"],
+            filtered=tally.counts["filtered"],
+            error=tally.counts["error"],
+            prompt_tokens=tally.prompt_tokens,
+            completion_tokens=tally.completion_tokens,
+            cost_usd=round(tally.cost_usd, 6) if self.price else None,
+            http_429s=self.client.http_429s,
+            retries=sum(self.client.retries_by_cause.values()),
+            paused_s=limits.paused_s,
+            is_paused=limits.is_paused,
+            tokens_per_minute=self.cfg.limits.tokens_per_minute,
+        )
+
+    async def count_total(self) -> None:
+        """The manifest's row total for the display, counted in a thread: no request waits for it."""
+        try:
+            self.rows_total = await asyncio.to_thread(count_rows, self.options.manifest)
+        except (ConfigError, OSError) as err:  # the producer reports an unreadable manifest; a total is optional
+            log.debug("no row total for the progress display: %s", err)
 
     async def produce(self) -> None:
         """Queue each manifest row that is neither committed nor a duplicate; then one stop per worker."""
@@ -323,7 +396,7 @@ class _Stages:
         started_at, started = time.time(), loop.time()
         estimated: int | None = None
         try:
-            images = await asyncio.to_thread(_prepare_images, task, self.base_dir, cfg)
+            images = await _prepare_images(task, self.base_dir, cfg)
             body = build_body(task, images, cfg.request, self.model_in_body)
             sizes = [(i.width, i.height) if i.width and i.height else None for i in images]
             estimated = count_prompt_tokens(body["messages"], sizes, cfg.endpoint.model)
@@ -348,6 +421,23 @@ class _Stages:
         )
 
 
+LATENCY_PERCENTILES = (50, 90, 99)
+
+
+def latency_percentiles(latencies_s: Sequence[float]) -> dict[str, float]:
+    """p50, p90, p99 of row latencies in seconds (linear interpolation, as numpy and Arrow's default); {} for none."""
+    ordered = sorted(latencies_s)
+    if not ordered:
+        return {}
+    percentiles = {}
+    for q in LATENCY_PERCENTILES:
+        position = (len(ordered) - 1) * q / 100
+        low = int(position)
+        high = min(low + 1, len(ordered) - 1)
+        percentiles[f"p{q}"] = round(ordered[low] + (ordered[high] - ordered[low]) * (position - low), 4)
+    return percentiles
+
+
 async def _stream_manifest(path: Path, cfg: RunConfig) -> AsyncIterator[ImageTask | ManifestError]:
     """The manifest's rows, read in a thread a batch at a time so the loop never waits on the disk."""
     rows: Iterator[ImageTask | ManifestError] = read_manifest(path, cfg.request)
@@ -356,11 +446,30 @@ async def _stream_manifest(path: Path, cfg: RunConfig) -> AsyncIterator[ImageTas
             yield item
 
 
-def _prepare_images(task: ImageTask, base_dir: Path, cfg: RunConfig) -> list[PreparedImage]:
-    return [
-        prepare_image(ref, base_dir=base_dir, detail=task.detail, cfg=cfg.images, row_id=task.row_id)
-        for ref in task.images
-    ]
+async def _prepare_images(task: ImageTask, base_dir: Path, cfg: RunConfig) -> list[PreparedImage]:
+    """The row's images ready to send, each decoded and encoded in the loop's thread pool (Pillow blocks).
+
+    With images.fetch_remote, http(s) images are downloaded first, one after another over a session of
+    this row's, and prepared like local files; otherwise they pass through as URLs. Threads, not
+    processes: Pillow releases the GIL while it decodes, resizes and encodes, and a process pool was
+    slower on 2 cores (bench/images_bench.py). Raises ImageError for the first image that fails.
+    """
+    images, row_id, detail = cfg.images, task.row_id, task.detail
+    downloads: dict[int, bytes] = {}
+    remote = [n for n, ref in enumerate(task.images) if images.fetch_remote and is_remote_url(ref)]
+    if remote:
+        async with open_session(images) as session:
+            for n in remote:
+                downloads[n] = await fetch_image(session, task.images[n], images, row_id=row_id)
+
+    def prepare(n: int, ref: str) -> PreparedImage:
+        if n in downloads:
+            return prepare_image_bytes(downloads[n], ref=ref, detail=detail, cfg=images, row_id=row_id)
+        return prepare_image(ref, base_dir=base_dir, detail=detail, cfg=images, row_id=row_id)
+
+    loop = asyncio.get_running_loop()
+    jobs = [loop.run_in_executor(None, prepare, n, ref) for n, ref in enumerate(task.images)]
+    return list(await asyncio.gather(*jobs))  # executor futures, not tasks: the images of a row in parallel
 
 
 def _answered(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -19,6 +20,8 @@ import pyarrow.parquet as pq
 
 from pipeline.config import OutputConfig
 from pipeline.records import FILTER_CATEGORIES, FilterResult, VisionResult
+
+log = logging.getLogger(__name__)
 
 PART_GLOB = "part-*.parquet"
 TEMP_PREFIX = ".tmp-"  # pyarrow.dataset, DuckDB and Spark all skip files starting with "." or "_"
@@ -169,13 +172,17 @@ def part_files(output: Path) -> list[Path]:
     return sorted(output.glob(PART_GLOB))
 
 
-def read_output(output: Path, columns: Sequence[str] | None = None) -> pa.Table:
-    """Every committed row, with the schemas of all parts unified (extra columns may differ by part)."""
+def read_output(
+    output: Path, columns: Sequence[str] | None = None, row_filter: ds.Expression | None = None
+) -> pa.Table:
+    """Every committed row (or those matching `row_filter`), with the schemas of all parts unified (extra
+    columns may differ by part)."""
     files = part_files(output)
     if not files:
         return schema_with_extras([]).empty_table()
     schema = pa.unify_schemas([pq.read_schema(f) for f in files])
-    return ds.dataset(files, schema=schema, format="parquet").to_table(columns=list(columns) if columns else None)
+    dataset = ds.dataset(files, schema=schema, format="parquet")
+    return dataset.to_table(columns=list(columns) if columns else None, filter=row_filter)
 
 
 async def _finish_in_thread(fn: Any, *args: Any) -> Any:
@@ -223,14 +230,22 @@ class Sink:
         self._rows.append(result_to_row(result, self._run_id))
         self._extra.update(dict.fromkeys(k for k in result.task.extra if k not in BASE_COLUMNS))
         if len(self._rows) >= self._cfg.rows_per_part:
-            await self.flush()
+            await self._commit(full_parts_only=True)
 
     async def flush(self) -> None:
-        """Commit everything buffered as one or more part files."""
+        """Commit everything buffered now as one or more part files."""
+        await self._commit(full_parts_only=False)
+
+    async def _commit(self, *, full_parts_only: bool) -> None:
+        # Rows put while a part is being written wait for the next part: draining them as well would
+        # follow every full part with a trickle of tiny ones whenever the workers are fast.
+        per_part = self._cfg.rows_per_part
         async with self._lock:
-            while self._rows:
-                rows = self._rows[: self._cfg.rows_per_part]
+            left = len(self._rows)
+            while self._rows and (len(self._rows) >= per_part if full_parts_only else left > 0):
+                rows = self._rows[: per_part if full_parts_only else min(per_part, left)]
                 del self._rows[: len(rows)]
+                left -= len(rows)
                 self._sequence += 1
                 name = f"part-{self._run_id}-{self._sequence:05d}.parquet"
                 schema = schema_with_extras(self._extra)
@@ -248,6 +263,10 @@ class Sink:
                     if is_committed:
                         self.committed_rows += len(rows)
                         self.committed_parts += 1
+                log.info(
+                    "committed %s: %d rows (%d this run)", name, len(rows), self.committed_rows,
+                    extra={"event": "part_committed", "part": name, "rows": len(rows), "committed_rows": self.committed_rows},
+                )  # fmt: skip
 
     async def flush_every(self, seconds: float, done: asyncio.Event) -> None:
         """Commit the buffer every `seconds` until `done` is set, so a kill loses at most that window."""

@@ -125,3 +125,43 @@ def test_an_output_that_cannot_be_written_exits_4_and_keeps_what_was_committed(t
     assert "cannot write to" in done.stdout
     assert ds.dataset(tmp_path / "out").to_table(columns=["id"]).column("id").to_pylist() == ["r0"]
     assert not list((tmp_path / "out").glob(".tmp-*"))
+
+
+def stats_of(output: Path) -> dict:
+    import json
+
+    return json.loads((output / "_stats.json").read_text())
+
+
+def test_every_row_ok_exits_0_and_stats_say_so(tmp_path, emulator_url):
+    done = run_cli("run", write_config(tmp_path, emulator_url), "--manifest", manifest_of(tmp_path, 3), "--output", tmp_path / "out")
+
+    assert done.returncode == 0, done.stderr
+    assert stats_of(tmp_path / "out")["exit_code"] == 0
+
+
+def test_a_row_in_error_exits_1_and_stats_say_so(tmp_path, emulator_url):
+    manifest = manifest_of(tmp_path, 2)
+    with open(manifest, "a", encoding="utf-8") as f:
+        f.write("gone,nowhere.png\n")
+
+    done = run_cli("run", write_config(tmp_path, emulator_url), "--manifest", manifest, "--output", tmp_path / "out")
+
+    assert done.returncode == 1, done.stderr
+    assert stats_of(tmp_path / "out")["exit_code"] == 1 and stats_of(tmp_path / "out")["counts"]["error"] == 1
+
+
+def test_an_unknown_option_exits_2():
+    done = run_cli("run", "--no-such-option")
+
+    assert done.returncode == 2
+
+
+def test_help_lists_every_exit_code_with_its_meaning():
+    from pipeline.runner import EXIT_MEANINGS
+
+    done = run_cli("run", "--help")
+
+    text = " ".join(done.stdout.split())
+    for code, meaning in EXIT_MEANINGS.items():
+        assert f"{code} {meaning}" in text

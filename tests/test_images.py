@@ -1,35 +1,51 @@
-"""images.py: local images go out as JPEG data URLs of exactly the pixels the model views."""
+"""images.py: local images go out as JPEG (or PNG) data URLs of exactly the pixels the model views."""
 
 from __future__ import annotations
 
 import base64
 import dataclasses
 import io
+import json
 import struct
 import zlib
 from pathlib import Path
 
+import pyarrow.dataset as ds
 import pytest
+from conftest import azure_config, make_image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline.config import ImagesConfig
-from pipeline.images import measure_image, prepare_image, read_image_size, shorten_url
-from pipeline.records import ImageError, PreparedImage
-from pipeline.tokens import image_tokens, viewed_size
+import pipeline.images
+from pipeline.config import ImagesConfig, config_from_mapping
+from pipeline.images import measure_image, prepare_image, prepare_image_bytes, read_image_size, shorten_url
+from pipeline.records import ConfigError, ImageError, PreparedImage
+from pipeline.runner import EXIT_ROW_ERRORS, RunOptions, run
+from pipeline.tokens import count_prompt_tokens, image_tokens, viewed_size
 
 CFG = ImagesConfig()
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 EXIF_ORIENTATION = 0x0112
+# A 64×48 HEIC, left half red and right half blue, as an iPhone would store it (ftyp heic, HEVC inside).
+# Made once with pillow-heif 1.8.1's encoder, which this project does not install: it reads, never writes.
+TINY_HEIC = base64.b64decode(
+    "AAAAHGZ0eXBoZWljAAAAAG1pZjFoZWljbWlhZgAAAX1tZXRhAAAAAAAAACFoZGxyAAAAAAAAAABwaWN0AAAAAAAAAAAAAAAAAAAAACJpbG9j"
+    "AAAAAERAAAEAAQAAAAABoQABAAAAAAAAAGoAAAAjaWluZgAAAAAAAQAAABVpbmZlAgAAAAABAABodmMxAAAAAA5waXRtAAAAAAABAAAA/Wlw"
+    "cnAAAADdaXBjbwAAAHZodmNDAQNwAAAAkAAAAAAAHvAA/P34+AAADwNgAAEAGEABDAH//wNwAAADAJAAAAMAAAMAHroCQGEAAQAqQgEBA3AA"
+    "AAMAkAAAAwAAAwAeoCCBBZbq5Ka5uAhoMCAAAAMDIAAAAwAhYgABAAZEAcFzwIkAAAATY29scm5jbHgAAQANAAaAAAAAFGlzcGUAAAAAAAAA"
+    "QAAAAEAAAAAoY2xhcAAAAEAAAAABAAAAMAAAAAEAAAAAAAAAAv////AAAAACAAAAEHBpeGkAAAAAAwgICAAAABhpcG1hAAAAAAAAAAEAAQWB"
+    "AgMFhAAAAHJtZGF0AAAAZigBrxOA+BDhp//8TSj/+nXPD9PMiYn/+tNSR/hUO//WicPySkWzrHl9nv8H4h1KpEq3xpK+HfM2sf+d4tvFAhne"
+    "Iy6JZXLEP+zlxMa+qdw77mN6fapRbf83mqG4xuGn3Gx6O58SuA=="
+)
 
 
-def sent_image(prepared: PreparedImage) -> Image.Image:
-    """The image the service would receive, decoded from the data URL."""
+def sent_image(prepared: PreparedImage, fmt: str = "JPEG") -> Image.Image:
+    """The image the service would receive, decoded from the data URL, which must hold `fmt`."""
     head, _, payload = prepared.url.partition(",")
-    assert head == "data:image/jpeg;base64"
+    assert head == f"data:image/{fmt.lower()};base64"
     image = Image.open(io.BytesIO(base64.b64decode(payload)))
-    assert image.format == "JPEG"
+    assert image.format == fmt
     return image
 
 
@@ -165,8 +181,81 @@ def test_png_named_jpg_is_sniffed_from_its_bytes(tmp_path):
 def test_a_format_pillow_reads_but_the_service_does_not_is_refused(tmp_path):
     Image.new("RGB", (10, 10), RED).save(tmp_path / "image.jpg", "PPM")
 
-    with pytest.raises(ImageError, match="not a JPEG, PNG, WebP, GIF, BMP or TIFF image"):
+    with pytest.raises(ImageError, match="not a JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF or HEIC image"):
         prepare(tmp_path, "image.jpg")
+
+
+def test_avif_is_read_natively(tmp_path):
+    Image.new("RGB", (120, 90), RED).save(tmp_path / "modern.avif", "AVIF", quality=90)
+
+    prepared = prepare(tmp_path, "modern.avif")
+
+    assert (prepared.width, prepared.height) == (120, 90)
+    assert near(sent_image(prepared).getpixel((60, 45)), RED, tolerance=32)
+
+
+def test_heic_from_a_phone_is_read_and_sent_as_jpeg(tmp_path):
+    (tmp_path / "IMG_0001.HEIC").write_bytes(TINY_HEIC)
+
+    sent = sent_image(prepare(tmp_path, "IMG_0001.HEIC"))
+
+    assert sent.size == (64, 48)
+    assert near(sent.getpixel((8, 24)), RED, tolerance=40)
+    assert near(sent.getpixel((56, 24)), BLUE, tolerance=40)
+
+
+@pytest.mark.parametrize(("name", "missing", "reason"), [
+    ("IMG_0001.HEIC", "HEIF", "HEIC/HEIF image, but no HEIF reader is installed: pip install pi-heif"),
+    ("modern.avif", "AVIF", "AVIF image, but this Pillow cannot read AVIF"),
+])  # fmt: skip
+def test_heic_or_avif_without_a_reader_is_refused_saying_what_to_install(
+    tmp_path, monkeypatch, name, missing, reason
+):
+    """Where Pillow has no plugin for the format, the row says which package would read it."""
+    if name.endswith(".avif"):
+        Image.new("RGB", (32, 32), RED).save(tmp_path / name, "AVIF")
+    else:
+        (tmp_path / name).write_bytes(TINY_HEIC)
+    without = tuple(f for f in pipeline.images.SNIFFED_FORMATS if f != missing)
+    monkeypatch.setattr(pipeline.images, "SNIFFED_FORMATS", without)
+
+    with pytest.raises(ImageError, match=reason):
+        prepare(tmp_path, name)
+
+
+# Encoding and transparency
+
+
+def test_png_encoding_sends_the_viewed_pixels_losslessly(tmp_path):
+    original = Image.effect_noise((300, 200), 80).convert("RGB")
+    original.save(tmp_path / "noise.png")
+    cfg = dataclasses.replace(CFG, encoding="png")
+
+    prepared = prepare(tmp_path, "noise.png", cfg=cfg)
+
+    sent = sent_image(prepared, "PNG")
+    assert sent.mode == "RGB" and sent.tobytes() == original.tobytes()
+
+
+def test_keep_alpha_sends_a_transparent_image_as_png_with_its_alpha_even_when_encoding_is_jpeg(tmp_path):
+    image = Image.new("RGBA", (200, 100), (0, 0, 0, 0))
+    image.paste((255, 0, 0, 255), (0, 0, 100, 100))
+    image.save(tmp_path / "logo.png")
+    cfg = dataclasses.replace(CFG, keep_alpha=True)
+
+    sent = sent_image(prepare(tmp_path, "logo.png", cfg=cfg), "PNG")
+
+    assert sent.mode == "RGBA"
+    assert sent.getpixel((50, 50)) == (255, 0, 0, 255) and sent.getpixel((150, 50))[3] == 0
+
+
+def test_an_alpha_channel_that_hides_nothing_is_dropped_even_with_keep_alpha(tmp_path):
+    Image.new("RGBA", (64, 64), (255, 0, 0, 255)).save(tmp_path / "opaque.png")
+    cfg = dataclasses.replace(CFG, keep_alpha=True)
+
+    sent = sent_image(prepare(tmp_path, "opaque.png", cfg=cfg))  # JPEG: no alpha worth a PNG
+
+    assert sent.mode == "RGB" and near(sent.getpixel((32, 32)), RED)
 
 
 # Size: the tokens never change, the pixels never grow
@@ -184,16 +273,17 @@ TOKEN_GRID_SIZES = [
 ]
 
 
+@pytest.mark.parametrize("encoding", ["jpeg", "png"])
 @pytest.mark.parametrize("detail", ["low", "high", "auto"])
 @pytest.mark.parametrize(("width", "height"), TOKEN_GRID_SIZES)
-def test_preparing_an_image_never_changes_its_token_count(tmp_path, width, height, detail):
+def test_preparing_an_image_never_changes_its_token_count(tmp_path, width, height, detail, encoding):
     Image.new("RGB", (width, height), RED).save(tmp_path / "image.png")
+    cfg = dataclasses.replace(CFG, encoding=encoding)
 
-    prepared = prepare(tmp_path, "image.png", detail=detail)
+    prepared = prepare(tmp_path, "image.png", detail=detail, cfg=cfg)
 
-    assert (
-        (prepared.width, prepared.height) == sent_image(prepared).size == viewed_size(width, height, detail)
-    )
+    sent = sent_image(prepared, encoding.upper())
+    assert (prepared.width, prepared.height) == sent.size == viewed_size(width, height, detail)
     assert image_tokens(prepared.width, prepared.height, detail) == image_tokens(width, height, detail)
     assert prepared.width <= width and prepared.height <= height
 
@@ -211,6 +301,20 @@ def test_sent_size_is_the_viewed_size_and_costs_what_the_original_costs(tmp_path
         sent_image(prepared).size == (prepared.width, prepared.height) == viewed_size(width, height, detail)
     )
     assert image_tokens(prepared.width, prepared.height, detail) == image_tokens(width, height, detail)
+
+
+@pytest.mark.parametrize(("width", "height"), [(500, 400), (512, 512), (513, 200), (800, 600), (4000, 3000),
+                                             (700, 9000), (100, 3000)])  # fmt: skip
+def test_auto_detail_keeps_what_the_services_size_rule_looks_at(tmp_path, width, height):
+    """The service picks low or high "based on the size of the image input": an image that fits the 512×512
+    low view still fits it after preparation, one that does not still does not."""
+    Image.new("RGB", (width, height), RED).save(tmp_path / "image.png")
+
+    prepared = prepare(tmp_path, "image.png", detail="auto")
+
+    fits_low_view = max(width, height) <= 512
+    assert (max(prepared.width, prepared.height) <= 512) == fits_low_view
+    assert (prepared.width, prepared.height) == viewed_size(width, height, "high")
 
 
 def test_a_big_jpeg_is_shrunk_and_reports_both_byte_counts(tmp_path):
@@ -276,6 +380,22 @@ def test_images_over_max_pixels_are_refused_before_decoding(tmp_path):
         prepare(tmp_path, "large.png", cfg=cfg)
 
 
+def test_downloaded_bytes_are_prepared_like_a_file_and_named_without_their_query(tmp_path):
+    buffer = io.BytesIO()
+    Image.new("RGB", (4000, 3000), BLUE).save(buffer, "JPEG")
+
+    prepared = prepare_image_bytes(buffer.getvalue(), ref="https://cdn.example/a.jpg?sig=SECRET", detail="low",
+                                   cfg=CFG, row_id="row-1")  # fmt: skip
+
+    assert (prepared.width, prepared.height) == sent_image(prepared).size == (512, 384)
+    assert prepared.source_bytes == len(buffer.getvalue())
+    with pytest.raises(ImageError, match="download is empty") as caught:
+        prepare_image_bytes(
+            b"", ref="https://cdn.example/a.jpg?sig=SECRET", detail="low", cfg=CFG, row_id="r"
+        )
+    assert "SECRET" not in str(caught.value)
+
+
 def test_an_image_larger_than_max_image_bytes_once_encoded_is_refused(tmp_path):
     Image.effect_noise((400, 400), 100).convert("RGB").save(tmp_path / "noise.png")
     cfg = dataclasses.replace(CFG, max_image_bytes=1000)
@@ -299,6 +419,54 @@ def test_symlink_escaping_the_manifest_folder_is_refused(tmp_path):
 
     with pytest.raises(ImageError, match="outside the manifest's folder"):
         prepare(tmp_path / "manifests", "link.png")
+
+
+def test_allowed_roots_replace_the_manifest_folder_and_relative_ones_start_there(tmp_path):
+    (tmp_path / "manifests").mkdir()
+    make_image(tmp_path / "shared" / "cat.png")
+    make_image(tmp_path / "manifests" / "local.png")
+    cfg = dataclasses.replace(CFG, allowed_roots=("../shared",))
+
+    prepared = prepare(tmp_path / "manifests", "../shared/cat.png", cfg=cfg)
+
+    assert (prepared.width, prepared.height) == (64, 48)
+    with pytest.raises(ImageError, match=r"outside images\.allowed_roots"):
+        prepare(tmp_path / "manifests", "local.png", cfg=cfg)
+
+
+@pytest.mark.parametrize(
+    "ref", ["../../etc/passwd", "photos/../../secret.png", "/etc/passwd", "photos/../../shared/../secret.png"]
+)
+def test_no_path_with_dotdot_or_absolute_reads_outside_the_allowed_roots(tmp_path, ref):
+    make_image(tmp_path / "secret.png")
+    make_image(tmp_path / "shared" / "photos" / "a.png")
+    cfg = dataclasses.replace(CFG, allowed_roots=(str(tmp_path / "shared"),))
+
+    with pytest.raises(ImageError, match="outside images.allowed_roots") as caught:
+        prepare(tmp_path / "shared", ref, cfg=cfg)
+
+    assert caught.value.path == ref and "\n" not in str(caught.value)
+
+
+def test_allowed_roots_is_a_toml_list_and_anything_else_is_refused_naming_the_setting():
+    cfg = config_from_mapping({"images": {"allowed_roots": ["/data/photos", "../shared"]}})
+
+    assert cfg.images.allowed_roots == ("/data/photos", "../shared")
+    with pytest.raises(ConfigError, match=r"images\.allowed_roots = '/data/photos': must be a list"):
+        config_from_mapping({"images": {"allowed_roots": "/data/photos"}})
+    with pytest.raises(ConfigError, match=r"images\.allowed_roots\[1\] is empty"):
+        config_from_mapping({"images": {"allowed_roots": ["/data", " "]}})
+
+
+def test_measure_image_honours_the_same_allowed_roots(tmp_path):
+    (tmp_path / "manifests").mkdir()
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "header.png").write_bytes(png_header_only(5000, 4000))
+
+    size = measure_image("../shared/header.png", base_dir=tmp_path / "manifests", row_id="r",
+                         allowed_roots=("../shared",))  # fmt: skip
+
+    assert size == (5000, 4000)
 
 
 def test_absolute_path_inside_the_folder_is_accepted(tmp_path):
@@ -402,5 +570,85 @@ def test_shorten_url_drops_query_strings_and_credentials():
     assert shorten_url(url) == "https://acct.blob.core.windows.net/c/cat.jpg?…"
 
 
+def test_shorten_url_keeps_the_brackets_of_an_ipv6_host():
+    assert shorten_url("http://[fe80::1]:8080/a.jpg?sig=SECRET") == "http://[fe80::1]:8080/a.jpg?…"
+
+
 def test_shorten_url_leaves_local_paths_alone():
     assert shorten_url("photos/cat.jpg") == "photos/cat.jpg"
+
+
+# End to end: a run over good and bad images
+
+
+async def test_each_bad_image_is_one_error_row_with_a_one_line_reason_and_the_rest_succeed(
+    tmp_path, emulator, key_in_env
+):
+    """The acceptance run: the real runner, client and emulator; every good row costs what its original costs."""
+    root = tmp_path / "data"
+    root.mkdir()
+    Image.linear_gradient("L").resize((4000, 3000)).convert("RGB").save(root / "photo.jpg", quality=92)
+    make_image(root / "small.png", (640, 480))
+    make_image(root / "mislabelled.jpg", (300, 200), fmt="PNG")  # sniffed from its bytes: a good row
+    (root / "IMG_0001.HEIC").write_bytes(TINY_HEIC)
+    Image.radial_gradient("L").resize((600, 600)).convert("RGB").save(root / "whole.jpg")
+    (root / "truncated.jpg").write_bytes((root / "whole.jpg").read_bytes()[:3000])
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "bomb.png").write_bytes(png_header_only(30000, 30000))  # over Pillow's own bomb limit
+    (root / "large.png").write_bytes(png_header_only(5000, 4100))  # over images.max_pixels below
+    Image.effect_noise((1200, 900), 100).convert("RGB").save(root / "noise.png")  # ~600 kB once prepared
+    make_image(tmp_path / "secret.png")
+    rows = {
+        "photo": "photo.jpg",
+        "small": "small.png",
+        "mislabelled": "mislabelled.jpg",
+        "heic": "IMG_0001.HEIC",
+        "truncated": "truncated.jpg",
+        "empty": "empty.jpg",
+        "bomb": "bomb.png",
+        "too-many-pixels": "large.png",
+        "over-limit": "noise.png",
+        "file-url": "file:///etc/passwd",
+        "escape": "../secret.png",
+    }
+    lines = [json.dumps({"id": row_id, "image": ref, "detail": "high"}) for row_id, ref in rows.items()]
+    lines.append(json.dumps({"id": "eleven", "images": ["small.png"] * 11}))
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = azure_config(emulator, images={"max_image_bytes": 200_000, "max_pixels": 20_000_000})
+
+    summary = await run(cfg, RunOptions(root / "manifest.jsonl", tmp_path / "out", handle_signals=False))
+
+    out = {row["id"]: row for row in ds.dataset(tmp_path / "out").to_table().to_pylist()}
+    good = {"photo", "small", "mislabelled", "heic"}
+    reasons = {
+        "truncated": "damaged or truncated image",
+        "empty": "file is empty (0 bytes)",
+        "bomb": "too many pixels to decode safely: Image size (900000000 pixels)",
+        "too-many-pixels": "too many pixels: 5000×4100 is more than images.max_pixels = 20,000,000",
+        "over-limit": "images.max_image_bytes",
+        "file-url": "file: URLs are not supported",
+        "escape": "outside the manifest's folder",
+        "eleven": "11 images: the service takes at most 10 per request",
+    }
+    assert summary.exit_code == EXIT_ROW_ERRORS and len(out) == len(good) + len(reasons)
+    assert {row_id for row_id, row in out.items() if row["status"] == "ok"} == good
+    for row_id, reason in reasons.items():
+        error = out[row_id]["error"]
+        assert out[row_id]["status"] == "error" and reason in error and f"row {row_id!r}" in error
+        assert "\n" not in error and "base64" not in error
+    assert len(emulator.requests) == len(good)  # no bad row reached the endpoint
+    originals = {
+        (1024, 768): (4000, 3000),
+        (640, 480): (640, 480),
+        (300, 200): (300, 200),
+        (64, 48): (64, 48),
+    }
+    for request in emulator.requests:  # each billed exactly as its original would have been
+        messages = request.body["messages"]
+        sent = sent_image(PreparedImage(messages[-1]["content"][1]["image_url"]["url"], None, None))
+        assert request.prompt_tokens == count_prompt_tokens(messages, [originals[sent.size]])
+    assert all(
+        row["prompt_tokens"] == row["estimated_prompt_tokens"]
+        for row_id, row in out.items()
+        if row_id in good
+    )

@@ -276,3 +276,42 @@ async def test_a_manifest_that_turns_out_unreadable_stops_the_run_with_exit_2(tm
     summary = await run(azure_config(emulator), RunOptions(manifest, tmp_path / "out", handle_signals=False))
 
     assert summary.exit_code == 2 and "m.csv" in summary.stopped_because
+
+
+async def test_stats_json_matches_the_parquet_and_counts_retries_by_cause(tmp_path, emulator, key_in_env):
+    """_stats.json is the run's summary: its figures must be what the committed rows of the run add up to."""
+    import json
+
+    import pyarrow.compute as pc
+
+    from pipeline.emulator import Fault
+    from pipeline.sink import STATS_FILE
+
+    for i in range(8):
+        make_image(tmp_path / "images" / f"img{i}.png")
+    rows = [*({"id": f"row-{i}", "image": f"images/img{i}.png"} for i in range(8)), {"id": "missing", "image": "gone.png"}]
+    manifest = write_csv(tmp_path / "manifest.csv", rows)
+    emulator.script(
+        Fault(status=429, headers={"retry-after-ms": "10"}), Fault(status=500), Fault(drop=True),
+        Fault(delay_s=1.0), Fault(status=200, body={"unexpected": True}),
+    )  # fmt: skip
+    cfg = azure_config(emulator, limits={"concurrency": 1, "timeout_s": 0.3, "max_attempts": 8})
+
+    summary = await run(cfg, RunOptions(manifest, tmp_path / "out", handle_signals=False))
+
+    stats = json.loads((tmp_path / "out" / STATS_FILE).read_text())
+    table = read_output(tmp_path / "out")
+    rows = table.to_pylist()
+    assert stats["exit_code"] == summary.exit_code == EXIT_ROW_ERRORS
+    assert stats["counts"] == {s: sum(r["status"] == s for r in rows) for s in ("ok", "filtered", "error")}
+    assert stats["rows"] == len(rows) == 9
+    assert stats["prompt_tokens"] == sum(r["prompt_tokens"] or 0 for r in rows)
+    assert stats["completion_tokens"] == sum(r["completion_tokens"] or 0 for r in rows)
+    assert stats["cost_usd"] == pytest.approx(sum(r["cost_usd"] or 0 for r in rows), abs=1e-6)
+    assert stats["retries"] == sum(max(0, r["attempts"] - 1) for r in rows) == 5
+    assert stats["retries_by_cause"] == {"bad_body": 1, "connection": 1, "http_429": 1, "http_5xx": 1, "timeout": 1}
+    assert stats["http_429s"] == 1 and stats["pauses"] == 1 and stats["paused_s"] > 0
+    assert stats["rows_per_s"] == pytest.approx(len(rows) / stats["duration_s"], rel=0.01)
+    quantiles = pc.quantile(table.column("latency_s"), q=[0.5, 0.9, 0.99]).to_pylist()
+    assert [stats["latency_percentiles_s"][p] for p in ("p50", "p90", "p99")] == pytest.approx(quantiles, abs=1e-4)
+    assert stats["latency_percentiles_s"]["p99"] > stats["latency_percentiles_s"]["p50"] + 0.2  # the timed-out row

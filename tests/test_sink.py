@@ -86,3 +86,19 @@ async def test_parts_with_different_extra_columns_read_back_together(tmp_path):
 
     table = read_output(tmp_path)
     assert dict(zip(table.column("id").to_pylist(), table.column("camera").to_pylist())) == {"a": None, "b": "x100"}
+
+
+async def test_rows_put_while_a_part_is_written_wait_for_the_next_full_part(tmp_path):
+    """Fast workers must not turn every full part into a trickle of tiny parts of what arrived meanwhile."""
+    sink = Sink(tmp_path, OutputConfig(rows_per_part=10), "run1")
+
+    async def worker(w: int) -> None:
+        for n in range(25):
+            await sink.put(result(f"w{w}-r{n}"))
+            await asyncio.sleep(0)  # let the others put rows while a part is being written
+
+    await asyncio.gather(*(worker(w) for w in range(4)))
+    await sink.flush()
+
+    sizes = [pq.read_metadata(p).num_rows for p in part_files(tmp_path)]
+    assert sum(sizes) == 100 and sizes == [10] * 10

@@ -1,0 +1,183 @@
+"""Downloading http(s) images for ``images.fetch_remote``, so they can be prepared like local files.
+
+Bounded every way a download can go wrong at night: only http and https (a redirect to ``file:`` or
+``ftp:`` is refused like the URL itself), at most ``images.max_redirects`` hops, at most
+``images.max_remote_bytes`` counted while streaming (a missing or lying Content-Length changes nothing),
+and ``images.remote_timeout_s`` for the whole download, redirects included.
+
+Unless ``images.allow_private_urls``, no hop may reach a loopback, private, link-local, multicast or
+otherwise non-public address: a manifest must not be a way to read the cloud metadata service or an
+internal admin page. The check sits where the connection is made: the session's resolver refuses a name
+that resolves to such an address, so the answer checked is the answer connected to (no window for DNS
+rebinding), and each redirect is resolved afresh. IP literals, which aiohttp does not resolve, are checked
+before each request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
+
+from pipeline.config import ImagesConfig
+from pipeline.images import shorten_url
+from pipeline.records import ImageError
+
+REMOTE_SCHEMES = ("http", "https")
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+READ_CHUNK_BYTES = 64 * 1024
+USER_AGENT = "vision-pipeline/0.1 (image download)"
+ERROR_TEXT_CHARS = 200
+
+
+class AddressRefused(OSError):
+    """A host resolved to an address that downloads may not reach (images.allow_private_urls = false)."""
+
+
+def is_remote_url(ref: str) -> bool:
+    """Whether the manifest reference `ref` is an http(s) URL, the kind ``fetch_image`` downloads."""
+    scheme, sep, _ = ref.partition("://")
+    return bool(sep) and scheme.lower() in REMOTE_SCHEMES
+
+
+def is_public_address(address: str) -> bool:
+    """Whether an IP address is on the public internet: not loopback, private, link-local, shared, reserved,
+    multicast or unspecified, nor an IPv6 form that embeds such an IPv4 address (mapped, 6to4, Teredo)."""
+    ip = ipaddress.ip_address(address.partition("%")[0])  # drop an IPv6 zone such as fe80::1%eth0
+    if ip.is_multicast or not ip.is_global:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = [ip.ipv4_mapped, ip.sixtofour, ip.teredo[1] if ip.teredo else None]
+        return all(v4 is None or is_public_address(str(v4)) for v4 in embedded)
+    return True
+
+
+class _PublicOnlyResolver(AbstractResolver):
+    """aiohttp's resolver, refusing any name with a non-public address among its answers."""
+
+    def __init__(self) -> None:
+        self._inner = aiohttp.DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        answers = await self._inner.resolve(host, port, family)
+        for answer in answers:
+            if not is_public_address(answer["host"]):  # one bad answer taints the name: refuse them all
+                raise AddressRefused(f"{host} resolves to {answer['host']}, which is not a public address")
+        return answers
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def open_session(cfg: ImagesConfig) -> aiohttp.ClientSession:
+    """A session for image downloads under `cfg`'s address rule; use it as ``async with``.
+
+    No cookies, no proxy from the environment, no automatic redirects (``fetch_image`` follows them).
+    Must be called inside the running event loop.
+    """
+    resolver = None if cfg.allow_private_urls else _PublicOnlyResolver()
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(resolver=resolver),
+        timeout=aiohttp.ClientTimeout(total=cfg.remote_timeout_s),
+        headers={"User-Agent": USER_AGENT},
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+    )
+
+
+async def fetch_image(session: aiohttp.ClientSession, url: str, cfg: ImagesConfig, *, row_id: str) -> bytes:
+    """The bytes at the http(s) `url`, following at most ``cfg.max_redirects`` redirects.
+
+    `session` comes from ``open_session(cfg)``. Raises ImageError (one line naming the row and the URL
+    without its query string) for another scheme, a refused address, an HTTP status other than 200, more
+    than ``cfg.max_remote_bytes``, more than ``cfg.remote_timeout_s`` in all, or a connection failure.
+    """
+    short = shorten_url(url)
+    try:
+        async with asyncio.timeout(cfg.remote_timeout_s):
+            return await _follow(session, URL(url), cfg, row_id=row_id, short=short)
+    except TimeoutError:
+        reason = f"download took longer than images.remote_timeout_s = {cfg.remote_timeout_s:g} s"
+        raise ImageError(row_id, reason, path=short) from None
+    except aiohttp.ClientConnectorError as err:
+        if isinstance(err.os_error, AddressRefused):
+            raise ImageError(row_id, _refused(str(err.os_error)), path=short) from None
+        raise ImageError(
+            row_id, f"download failed: cannot connect: {_one_line(err.os_error)}", path=short
+        ) from None
+    except (aiohttp.ClientError, ValueError) as err:  # ValueError: yarl on a malformed URL or Location
+        raise ImageError(
+            row_id, f"download failed: {type(err).__name__}: {_one_line(err)}", path=short
+        ) from None
+
+
+async def _follow(
+    session: aiohttp.ClientSession, url: URL, cfg: ImagesConfig, *, row_id: str, short: str
+) -> bytes:
+    for _ in range(cfg.max_redirects + 1):
+        _check_target(url, cfg, row_id=row_id, short=short)
+        async with session.get(url, allow_redirects=False) as response:
+            if response.status in REDIRECT_STATUSES:
+                location = response.headers.get("Location")
+                if not location:
+                    raise ImageError(
+                        row_id, f"HTTP {response.status} redirect without a Location", path=short
+                    )
+                url = url.join(URL(location))  # a Location may be relative to the URL that sent it
+                continue
+            if response.status != 200:
+                raise ImageError(
+                    row_id,
+                    f"download failed: HTTP {response.status} {response.reason or ''}".rstrip(),
+                    path=short,
+                )
+            return await _read_at_most(response, cfg, row_id=row_id, short=short)
+    raise ImageError(row_id, f"more than images.max_redirects = {cfg.max_redirects} redirects", path=short)
+
+
+def _check_target(url: URL, cfg: ImagesConfig, *, row_id: str, short: str) -> None:
+    """Refuse a hop before it is requested: its scheme, and its address when the host is an IP literal."""
+    if (url.scheme or "").lower() not in REMOTE_SCHEMES:
+        raise ImageError(
+            row_id, f"redirected to a {url.scheme or 'schemeless'}: URL; only http(s) is fetched", path=short
+        )
+    host = url.raw_host or ""
+    try:
+        ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return  # a name: the session's resolver checks what it resolves to
+    if not cfg.allow_private_urls and not is_public_address(host):
+        raise ImageError(row_id, _refused(f"{host} is not a public address"), path=short)
+
+
+def _refused(why: str) -> str:
+    return f"download refused: {why} (set images.allow_private_urls = true to allow it)"
+
+
+async def _read_at_most(
+    response: aiohttp.ClientResponse, cfg: ImagesConfig, *, row_id: str, short: str
+) -> bytes:
+    """The body, refused as soon as it is known to exceed ``cfg.max_remote_bytes``."""
+    limit = cfg.max_remote_bytes
+    too_big = f"download is more than images.max_remote_bytes = {limit:,} bytes"
+    if response.content_length is not None and response.content_length > limit:
+        raise ImageError(row_id, f"{too_big} (Content-Length {response.content_length:,})", path=short)
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
+        received += len(chunk)
+        if received > limit:
+            raise ImageError(row_id, too_big, path=short)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _one_line(err: BaseException | None) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text[:ERROR_TEXT_CHARS]
