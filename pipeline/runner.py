@@ -31,7 +31,7 @@ from pipeline.images import prepare_image, prepare_image_bytes
 from pipeline.limits import Limits
 from pipeline.manifest import count_rows, manifest_base_dir, read_manifest
 from pipeline.metrics import publish_metrics
-from pipeline.pricing import Price, load_prices, price_for, usage_cost_usd
+from pipeline.pricing import Price, price_for_run, usage_cost_usd
 from pipeline.progress import show_progress
 from pipeline.records import (
     ApiError,
@@ -215,9 +215,9 @@ def summary_as_dict(summary: RunSummary) -> dict[str, object]:
     return {**dataclasses.asdict(summary), "output": str(summary.output), "rows": summary.rows}
 
 
-def _price_or_none(model: str) -> Price | None:
+def _price_or_none(cfg: RunConfig) -> Price | None:
     try:
-        return price_for(model, load_prices())
+        return price_for_run(cfg)
     except ConfigError as err:
         log.warning("costs will not be computed: %s", err)
         return None
@@ -247,7 +247,7 @@ class _Stages:
         self.sink = sink
         self.committed = committed  # ids committed before, plus every id taken up in this run
         self.taken: set[str] = set()  # ids taken up in this run, to tell duplicates from resumed rows
-        self.price = _price_or_none(cfg.endpoint.model)
+        self.price = _price_or_none(cfg)
         self.base_dir = manifest_base_dir(options.manifest)
         self.model_in_body = cfg.endpoint.model if client.endpoint.sends_model else None
         self.tally = _Tally()

@@ -315,3 +315,12 @@ async def test_stats_json_matches_the_parquet_and_counts_retries_by_cause(tmp_pa
     quantiles = pc.quantile(table.column("latency_s"), q=[0.5, 0.9, 0.99]).to_pylist()
     assert [stats["latency_percentiles_s"][p] for p in ("p50", "p90", "p99")] == pytest.approx(quantiles, abs=1e-4)
     assert stats["latency_percentiles_s"]["p99"] > stats["latency_percentiles_s"]["p50"] + 0.2  # the timed-out row
+
+
+async def test_prices_set_in_the_config_price_the_rows(tmp_path, emulator, images_manifest, key_in_env):
+    cfg = azure_config(emulator, pricing={"input_per_1m": 1_000_000.0, "output_per_1m": 0.0})
+
+    await run(cfg, RunOptions(images_manifest(1), tmp_path / "out", handle_signals=False))
+
+    row = rows_by_id(tmp_path / "out")["row-0"]
+    assert row["cost_usd"] == pytest.approx(row["prompt_tokens"])  # a dollar a token
