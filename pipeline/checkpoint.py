@@ -241,4 +241,5 @@ def open_output(
     }
     write_json_atomic(identity_path, identity)
     retrying = failed_ids(output) if retry_failed else set()
-    return Resume(run_id, skip - retrying, len(retrying), compacted, archived)
+    skip.difference_update(retrying)  # in place: a copy of a million ids costs tens of MB
+    return Resume(run_id, skip, len(retrying), compacted, archived)

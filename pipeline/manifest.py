@@ -26,7 +26,8 @@ import csv
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Container, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -48,22 +49,34 @@ KNOWN_COLUMNS = frozenset({"id", "image", "images", "prompt", "detail"})
 DERIVED_ID_HEX_DIGITS = 16
 
 
-def read_manifest(path: Path, request: RequestConfig) -> Iterator[ImageTask | ManifestError]:
+def read_manifest(
+    path: Path, request: RequestConfig, skip: Container[str] = frozenset()
+) -> Iterator[ImageTask | ManifestError | Skipped]:
     """Every row of the manifest at `path`, in order, as an ImageTask or, for a bad row, a ManifestError.
 
     Streams: nothing is read until the first row is asked for, and no more than one Parquet batch is held.
-    `request` supplies the prompt and detail of rows that give none. Raises ConfigError, at once, when
+    `request` supplies the prompt and detail of rows that give none. A row whose own id is in `skip`
+    (already committed) comes as a cheap ``Skipped`` marker, not parsed further: resuming a run of
+    millions of rows spends its start-up on the rows still to do. Raises ConfigError, at once, when
     the manifest is missing or of an unknown kind, and while iterating when it turns out unreadable (not
     UTF-8, not Parquet, or no ``image``/``images`` column).
     """
     kind = _manifest_kind(path)
     if kind == "folder":
-        return _read_folder(path, request)
+        return _read_folder(path, request, skip)
     if kind == "csv":
-        return _read_csv(path, request)
+        return _read_csv(path, request, skip)
     if kind == "jsonl":
-        return _read_jsonl(path, request)
-    return _read_parquet(path, request)
+        return _read_jsonl(path, request, skip)
+    return _read_parquet(path, request, skip)
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A row whose id was in the `skip` set: committed before, so not parsed further."""
+
+    row_id: str
+    line: int
 
 
 def manifest_base_dir(path: Path) -> Path:
@@ -121,7 +134,9 @@ def _count_lines(path: Path) -> int:
     return lines + (last != b"\n")
 
 
-def _read_csv(path: Path, request: RequestConfig) -> Iterator[ImageTask | ManifestError]:
+def _read_csv(
+    path: Path, request: RequestConfig, skip: Container[str]
+) -> Iterator[ImageTask | ManifestError | Skipped]:
     """CSV rows; ``line`` is where each record starts (a quoted cell may span several lines)."""
     csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT_CHARS))
     file = str(path)
@@ -162,10 +177,13 @@ def _read_csv(path: Path, request: RequestConfig) -> Iterator[ImageTask | Manife
                     line=line,
                 )
                 continue
-            yield _task_from_row(dict(zip(header, cells, strict=True)), file=file, line=line, request=request)
+            row = dict(zip(header, cells, strict=True))
+            yield _task_from_row(row, file=file, line=line, request=request, skip=skip)
 
 
-def _read_jsonl(path: Path, request: RequestConfig) -> Iterator[ImageTask | ManifestError]:
+def _read_jsonl(
+    path: Path, request: RequestConfig, skip: Container[str]
+) -> Iterator[ImageTask | ManifestError | Skipped]:
     """JSON Lines: one object per line; blank lines are skipped, a bad line is a bad row."""
     file = str(path)
     with open(path, "rb") as f:
@@ -190,10 +208,12 @@ def _read_jsonl(path: Path, request: RequestConfig) -> Iterator[ImageTask | Mani
                     line=line,
                 )
                 continue
-            yield _task_from_row(row, file=file, line=line, request=request)
+            yield _task_from_row(row, file=file, line=line, request=request, skip=skip)
 
 
-def _read_parquet(path: Path, request: RequestConfig) -> Iterator[ImageTask | ManifestError]:
+def _read_parquet(
+    path: Path, request: RequestConfig, skip: Container[str]
+) -> Iterator[ImageTask | ManifestError | Skipped]:
     """Parquet rows, one batch of PARQUET_BATCH_ROWS in memory at a time; ``line`` is the 1-based row."""
     file = str(path)
     with _open_parquet(path) as parquet:
@@ -209,7 +229,7 @@ def _read_parquet(path: Path, request: RequestConfig) -> Iterator[ImageTask | Ma
                 raise ConfigError(f"{file}: unreadable after row {line}: {err}") from None
             for row in rows:
                 line += 1
-                yield _task_from_row(row, file=file, line=line, request=request)
+                yield _task_from_row(row, file=file, line=line, request=request, skip=skip)
 
 
 def _open_parquet(path: Path) -> pq.ParquetFile:
@@ -219,7 +239,9 @@ def _open_parquet(path: Path) -> pq.ParquetFile:
         raise ConfigError(f"{path}: not a readable Parquet file: {err}") from None
 
 
-def _read_folder(root: Path, request: RequestConfig) -> Iterator[ImageTask | ManifestError]:
+def _read_folder(
+    root: Path, request: RequestConfig, skip: Container[str]
+) -> Iterator[ImageTask | ManifestError | Skipped]:
     """Every image file under `root`, folder by folder in sorted order; hidden files and folders are skipped.
 
     The id and the reference are the path relative to `root`, with forward slashes.
@@ -232,6 +254,9 @@ def _read_folder(root: Path, request: RequestConfig) -> Iterator[ImageTask | Man
                 continue
             line += 1
             ref = (Path(folder) / name).relative_to(root).as_posix()
+            if ref in skip:
+                yield Skipped(ref, line)
+                continue
             yield ImageTask(
                 row_id=ref, images=(ref,), prompt=request.prompt, detail=request.detail, line=line
             )
@@ -251,13 +276,15 @@ def _check_columns(names: list[str], file: str) -> None:
 
 
 def _task_from_row(
-    row: Mapping[str, object], *, file: str, line: int, request: RequestConfig
-) -> ImageTask | ManifestError:
+    row: Mapping[str, object], *, file: str, line: int, request: RequestConfig, skip: Container[str]
+) -> ImageTask | ManifestError | Skipped:
     """One row as a task, or the reason it cannot be one; validated here, once, for every later stage."""
     try:
         given_id = _row_id(row.get("id"))
     except ValueError as err:
         return ManifestError(f"line-{line}", str(err), file=file, line=line)
+    if given_id is not None and given_id in skip:
+        return Skipped(given_id, line)
     try:
         images = _images(row)
         row_id = given_id or _derived_id(images)

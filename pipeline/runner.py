@@ -18,7 +18,7 @@ import signal
 import time
 from array import array
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Container, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -29,7 +29,7 @@ from pipeline.client import Client, Outcome, build_body, endpoint_for
 from pipeline.config import RunConfig, api_key
 from pipeline.images import prepare_image, prepare_image_bytes
 from pipeline.limits import Limits
-from pipeline.manifest import count_rows, manifest_base_dir, read_manifest
+from pipeline.manifest import Skipped, count_rows, manifest_base_dir, read_manifest
 from pipeline.metrics import publish_metrics
 from pipeline.pricing import Price, price_for_run, usage_cost_usd
 from pipeline.progress import show_progress
@@ -239,13 +239,13 @@ class _Stages:
     """One run's producer, workers and sink, and how they stop."""
 
     def __init__(
-        self, cfg: RunConfig, options: RunOptions, client: Client, sink: Sink, committed: set[str]
+        self, cfg: RunConfig, options: RunOptions, client: Client, sink: Sink, prior: frozenset[str] | set[str]
     ) -> None:
         self.cfg = cfg
         self.options = options
         self.client = client
         self.sink = sink
-        self.committed = committed  # ids committed before, plus every id taken up in this run
+        self.prior = prior  # ids committed by earlier runs; read by the manifest's thread, never changed
         self.taken: set[str] = set()  # ids taken up in this run, to tell duplicates from resumed rows
         self.price = _price_or_none(cfg)
         self.base_dir = manifest_base_dir(options.manifest)
@@ -364,17 +364,16 @@ class _Stages:
     async def produce(self) -> None:
         """Queue each manifest row that is neither committed nor a duplicate; then one stop per worker."""
         limit = self.options.limit
-        async for item in _stream_manifest(self.options.manifest, self.cfg):
+        async for item in _stream_manifest(self.options.manifest, self.cfg, self.prior):
             if self.stopping.is_set() or (limit is not None and len(self.taken) >= limit):
                 break
-            if item.row_id in self.committed:
-                if item.row_id in self.taken:
-                    self.tally.duplicates += 1
-                    log.warning("row %r: duplicate id again at manifest line %d, ignored", item.row_id, item.line)
-                else:
-                    self.tally.skipped += 1
+            if isinstance(item, Skipped) or item.row_id in self.prior:
+                self.tally.skipped += 1
                 continue
-            self.committed.add(item.row_id)
+            if item.row_id in self.taken:
+                self.tally.duplicates += 1
+                log.warning("row %r: duplicate id again at manifest line %d, ignored", item.row_id, item.line)
+                continue
             self.taken.add(item.row_id)
             if isinstance(item, ManifestError):
                 log.warning("%s", item)
@@ -438,9 +437,11 @@ def latency_percentiles(latencies_s: Sequence[float]) -> dict[str, float]:
     return percentiles
 
 
-async def _stream_manifest(path: Path, cfg: RunConfig) -> AsyncIterator[ImageTask | ManifestError]:
+async def _stream_manifest(
+    path: Path, cfg: RunConfig, skip: Container[str]
+) -> AsyncIterator[ImageTask | ManifestError | Skipped]:
     """The manifest's rows, read in a thread a batch at a time so the loop never waits on the disk."""
-    rows: Iterator[ImageTask | ManifestError] = read_manifest(path, cfg.request)
+    rows = read_manifest(path, cfg.request, skip)
     while batch := await asyncio.to_thread(lambda: list(islice(rows, MANIFEST_BATCH_ROWS))):
         for item in batch:
             yield item

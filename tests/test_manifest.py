@@ -381,3 +381,15 @@ def test_any_csv_text_round_trips_into_tasks(tmp_path, rows):
     ]
     assert [t.prompt for t in tasks] == [p if p.strip() else REQUEST.prompt for _, p, _ in rows]
     assert [t.extra["license"] for t in tasks] == [lic for _, _, lic in rows]
+
+
+def test_rows_whose_id_is_in_skip_come_as_markers_without_parsing(tmp_path):
+    """A resumed run does not parse the rows it will not send (their bad cells included)."""
+    from pipeline.manifest import Skipped
+
+    path = write_csv(tmp_path / "m.csv", [["id", "image", "detail"], ["done", "a.png", "not-a-detail"], ["new", "b.png", ""]])
+
+    items = list(read_manifest(path, RequestConfig(), skip={"done"}))
+
+    assert items[0] == Skipped("done", 2)
+    assert isinstance(items[1], ImageTask) and items[1].row_id == "new"
