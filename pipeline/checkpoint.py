@@ -21,7 +21,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -110,11 +110,31 @@ def remove_temp_files(output: Path) -> int:
     return len(stale)
 
 
-def committed_ids(output: Path) -> set[str]:
+class IdSet(Container[str]):
+    """Committed ids, held as UTF-8 bytes: a million ids take ~16 MB less than as str, and resume
+    must hold them all. Exact: no hashing that could mistake an unsent row for a committed one."""
+
+    def __init__(self) -> None:
+        self._ids: set[bytes] = set()
+
+    def __contains__(self, row_id: object) -> bool:
+        return isinstance(row_id, str) and row_id.encode() in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add_column(self, ids: pa.ChunkedArray) -> None:
+        self._ids.update(pc.cast(ids, pa.binary()).to_pylist())  # bytes straight from Arrow, no str
+
+    def difference_update(self, row_ids: Iterable[str]) -> None:
+        self._ids.difference_update(row_id.encode() for row_id in row_ids)
+
+
+def committed_ids(output: Path) -> IdSet:
     """The ids of every committed row (reads only the id column)."""
-    ids: set[str] = set()
+    ids = IdSet()
     for path in part_files(output):
-        ids.update(pq.read_table(path, columns=["id"]).column("id").to_pylist())
+        ids.add_column(pq.read_table(path, columns=["id"]).column("id"))
     return ids
 
 
@@ -178,7 +198,7 @@ class Resume:
     """What an output holds at the start of a run."""
 
     run_id: str
-    skip: set[str]  # ids not to send again
+    skip: IdSet  # ids not to send again
     retrying: int  # failed rows that will be sent again (--retry-failed)
     compacted: int  # superseded rows removed at start-up (a kill came before the last compaction)
     archived: Path | None  # where --new-run moved the previous generation

@@ -81,9 +81,9 @@ def preview_first_request(
     Raises ConfigError when the manifest cannot be read.
     """
     environ = os.environ if environ is None else environ
-    skip = checkpoint.committed_ids(output) if output.is_dir() else set()
-    if retry_failed and skip:
-        skip -= checkpoint.failed_ids(output)
+    skip = checkpoint.committed_ids(output) if output.is_dir() else checkpoint.IdSet()
+    if retry_failed and len(skip):
+        skip.difference_update(checkpoint.failed_ids(output))
     endpoint = endpoint_for(cfg.endpoint, None)  # no key: the headers are not shown
     base_dir = manifest_base_dir(manifest)
     committed = failing = 0

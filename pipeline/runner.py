@@ -239,7 +239,7 @@ class _Stages:
     """One run's producer, workers and sink, and how they stop."""
 
     def __init__(
-        self, cfg: RunConfig, options: RunOptions, client: Client, sink: Sink, prior: frozenset[str] | set[str]
+        self, cfg: RunConfig, options: RunOptions, client: Client, sink: Sink, prior: Container[str]
     ) -> None:
         self.cfg = cfg
         self.options = options
