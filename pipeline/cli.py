@@ -17,8 +17,9 @@ import dataclasses
 import json
 
 from pipeline.config import load_config
-from pipeline.estimate import EstimateOptions, estimate, estimate_as_json, format_estimate, parse_window_h
+from pipeline.estimate import EstimateOptions, estimate
 from pipeline.logs import LOG_FORMATS, LogFormat, setup_logging
+from pipeline.plan import estimate_as_json, format_estimate, parse_window_h
 from pipeline.preview import preview_as_json, preview_first_request
 from pipeline.records import ConfigError
 from pipeline.report import REPORT_FILE, write_report

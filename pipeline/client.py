@@ -1,8 +1,8 @@
 """Building the chat request, sending it with aiohttp, classifying answers, retrying, parsing responses.
 
-The pure parts (``endpoint_for``, ``build_body``, ``classify``, ``retry_after_s``, ``backoff_s``,
-``parse_answer``) take values and return values, so the tests, the estimate and the run share them.
-``caption`` is the one place that talks to the network, and the one retry loop.
+The pure parts (``endpoint_for``, ``build_body``, ``oversize_reason``, ``classify``, ``retry_after_s``,
+``backoff_s``, ``parse_answer``) take values and return values, so the tests, the estimate and the run
+share them. ``caption`` is the one place that talks to the network, and the one retry loop.
 """
 
 from __future__ import annotations
@@ -87,6 +87,22 @@ def build_body(
     if model is not None:
         body["model"] = model
     return body
+
+
+def oversize_reason(prompt_tokens: int, request: RequestConfig, limits: LimitsConfig) -> str | None:
+    """Why a request of `prompt_tokens` may never be sent, or None when it fits the per-minute budget.
+
+    It reserves `prompt_tokens` + ``request.max_tokens``; more than ``limits.tokens_per_minute`` could never
+    be admitted (``Limits.acquire`` raises on it), so the run refuses it as a row error before it reaches
+    the limiter, and the estimate counts it as failing with the same text. Pure.
+    """
+    reserve = prompt_tokens + request.max_tokens
+    if reserve <= limits.tokens_per_minute:
+        return None
+    return (
+        f"needs {reserve} tokens (prompt {prompt_tokens} + max_tokens {request.max_tokens}), more "
+        f"than limits.tokens_per_minute = {limits.tokens_per_minute}; not sent"
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -144,26 +144,37 @@ def read_image_size(path: Path) -> tuple[int, int]:
         raise OSError(f"{path}: {err}") from err
 
 
-def measure_image(
-    ref: str, *, base_dir: Path, row_id: str, allowed_roots: Sequence[str] = ()
-) -> tuple[int, int] | None:
+def measure_image(ref: str, *, base_dir: Path, cfg: ImagesConfig, row_id: str) -> tuple[int, int] | None:
     """The pixel size of image `ref` as ``prepare_image`` would see it, from headers only; None for http(s).
 
-    For the estimator: the same reference rules and errors as ``prepare_image`` (pass the run's
-    ``images.allowed_roots``) without decoding or encoding anything. Raises ImageError.
+    For the estimator: the same reference rules and refusals as ``prepare_image`` under `cfg` (folders
+    outside ``cfg.allowed_roots``, more than ``cfg.max_pixels``, a data URL of more than
+    ``cfg.max_image_bytes``) without decoding or encoding anything. What only encoding can tell (a local
+    image too large once encoded) is not checked. Blocks on file reads. Raises ImageError.
     """
     scheme = _scheme(ref)
     if scheme in ("http", "https"):
         return None
     if scheme == "data":
-        data = _decode_data_url(ref, row_id=row_id)
-        return _header_size(io.BytesIO(data), ref=shorten_url(ref), row_id=row_id)
+        width, height, _ = _measure_data_url(ref, cfg=cfg, row_id=row_id)
+        return width, height
     if scheme is not None:
         raise ImageError(
             row_id, f"{scheme}: URLs are not supported (use http(s), data: or a path)", path=shorten_url(ref)
         )
-    path = _local_path(ref, base_dir=base_dir, allowed_roots=allowed_roots, row_id=row_id)
-    return _header_size(path, ref=ref, row_id=row_id)
+    path = _local_path(ref, base_dir=base_dir, allowed_roots=cfg.allowed_roots, row_id=row_id)
+    width, height = _header_size(path, ref=ref, row_id=row_id)
+    _check_pixels(width, height, cfg=cfg, ref=ref, row_id=row_id)
+    return width, height
+
+
+def measure_image_bytes(data: bytes, *, ref: str, row_id: str) -> tuple[int, int]:
+    """The pixel size in the header of an image's bytes, or of only its first bytes; nothing is decoded.
+
+    `ref` names the image in errors (pass the URL; it is shortened). Raises ImageError when the bytes are
+    not a supported image or its size lies past them.
+    """
+    return _header_size(io.BytesIO(data), ref=shorten_url(ref), row_id=row_id)
 
 
 def shorten_url(url: str) -> str:
@@ -333,6 +344,12 @@ def _unidentified_reason(head: bytes) -> str:
 
 def _prepare_data_url(url: str, *, cfg: ImagesConfig, row_id: str) -> PreparedImage:
     """A data URL goes out as given; its size comes from the decoded header, nothing more is decoded."""
+    width, height, nbytes = _measure_data_url(url, cfg=cfg, row_id=row_id)
+    return PreparedImage(url=url, width=width, height=height, source_bytes=nbytes, sent_bytes=nbytes)
+
+
+def _measure_data_url(url: str, *, cfg: ImagesConfig, row_id: str) -> tuple[int, int, int]:
+    """Width, height and byte count of a data URL's image, refused as ``cfg`` refuses it. Reads its header."""
     short = shorten_url(url)
     data = _decode_data_url(url, row_id=row_id)
     if len(data) > cfg.max_image_bytes:
@@ -343,7 +360,7 @@ def _prepare_data_url(url: str, *, cfg: ImagesConfig, row_id: str) -> PreparedIm
         )
     width, height = _header_size(io.BytesIO(data), ref=short, row_id=row_id)
     _check_pixels(width, height, cfg=cfg, ref=short, row_id=row_id)
-    return PreparedImage(url=url, width=width, height=height, source_bytes=len(data), sent_bytes=len(data))
+    return width, height, len(data)
 
 
 def _decode_data_url(url: str, *, row_id: str) -> bytes:

@@ -40,6 +40,15 @@ class PreparedImage:
 
 
 @dataclass(frozen=True, slots=True)
+class RemoteProbe:
+    """What the first bytes of an http(s) image told, fetched without downloading it (``remote.probe_image``)."""
+
+    size: tuple[int, int] | None  # width, height in pixels from its header; None when unknown
+    total_bytes: int | None = None  # the whole file's length, when the server said it
+    unsized_because: str | None = None  # why `size` is None, one short line fit to count by
+
+
+@dataclass(frozen=True, slots=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int

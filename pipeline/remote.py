@@ -1,9 +1,11 @@
-"""Downloading http(s) images for ``images.fetch_remote``, so they can be prepared like local files.
+"""Downloading http(s) images for ``images.fetch_remote``, so they can be prepared like local files, and
+probing their size from their first bytes for the estimate (``probe_image``).
 
 Bounded every way a download can go wrong at night: only http and https (a redirect to ``file:`` or
 ``ftp:`` is refused like the URL itself), at most ``images.max_redirects`` hops, at most
 ``images.max_remote_bytes`` counted while streaming (a missing or lying Content-Length changes nothing),
-and ``images.remote_timeout_s`` for the whole download, redirects included.
+and ``images.remote_timeout_s`` for the whole download, redirects included. A size probe keeps the same
+rules for schemes, redirects and addresses, and reads at most ``PROBE_BYTES``.
 
 Unless ``images.allow_private_urls``, no hop may reach a loopback, private, link-local, multicast or
 otherwise non-public address: a manifest must not be a way to read the cloud metadata service or an
@@ -18,24 +20,34 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from pipeline.config import ImagesConfig
-from pipeline.images import shorten_url
-from pipeline.records import ImageError
+from pipeline.images import measure_image_bytes, shorten_url
+from pipeline.records import ImageError, RemoteProbe
 
 REMOTE_SCHEMES = ("http", "https")
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 READ_CHUNK_BYTES = 64 * 1024
 USER_AGENT = "vision-pipeline/0.1 (image download)"
 ERROR_TEXT_CHARS = 200
+PROBE_BYTES = 64 * 1024  # a JPEG's size comes after its EXIF block, which is rarely larger
+PROBE_REFUSED = "probe: refused, not a public address (images.allow_private_urls)"
+
+T = TypeVar("T")
 
 
 class AddressRefused(OSError):
-    """A host resolved to an address that downloads may not reach (images.allow_private_urls = false)."""
+    """A host that is, or resolves to, an address we may not reach (images.allow_private_urls = false)."""
+
+
+class _HopRefused(Exception):
+    """A redirect that is not followed: to another scheme, without a Location, or one too many."""
 
 
 def is_remote_url(ref: str) -> bool:
@@ -99,12 +111,26 @@ async def fetch_image(session: aiohttp.ClientSession, url: str, cfg: ImagesConfi
     than ``cfg.max_remote_bytes``, more than ``cfg.remote_timeout_s`` in all, or a connection failure.
     """
     short = shorten_url(url)
+
+    async def read(response: aiohttp.ClientResponse) -> bytes:
+        if response.status != 200:
+            raise ImageError(
+                row_id,
+                f"download failed: HTTP {response.status} {response.reason or ''}".rstrip(),
+                path=short,
+            )
+        return await _read_at_most(response, cfg, row_id=row_id, short=short)
+
     try:
         async with asyncio.timeout(cfg.remote_timeout_s):
-            return await _follow(session, URL(url), cfg, row_id=row_id, short=short)
+            return await _follow(session, URL(url), cfg, read)
     except TimeoutError:
         reason = f"download took longer than images.remote_timeout_s = {cfg.remote_timeout_s:g} s"
         raise ImageError(row_id, reason, path=short) from None
+    except _HopRefused as err:
+        raise ImageError(row_id, str(err), path=short) from None
+    except AddressRefused as err:  # an IP literal, refused before connecting
+        raise ImageError(row_id, _refused(str(err)), path=short) from None
     except aiohttp.ClientConnectorError as err:
         if isinstance(err.os_error, AddressRefused):
             raise ImageError(row_id, _refused(str(err.os_error)), path=short) from None
@@ -117,43 +143,83 @@ async def fetch_image(session: aiohttp.ClientSession, url: str, cfg: ImagesConfi
         ) from None
 
 
+async def probe_image(
+    session: aiohttp.ClientSession, url: str, cfg: ImagesConfig, *, timeout_s: float
+) -> RemoteProbe:
+    """The size in the header of the http(s) `url`'s first PROBE_BYTES, fetched with a Range request.
+
+    For the estimator. `session` comes from ``open_session(cfg)``: the probe follows redirects and obeys
+    the address rule exactly as ``fetch_image`` does. Never raises for the image: a failure (an HTTP status
+    other than 200 or 206, no size in the bytes read, a refused address or redirect, more than
+    `timeout_s`, a connection error) comes back as ``unsized_because``. ``total_bytes`` is the whole
+    file's length when the server says it, so the caller can apply ``cfg.max_image_bytes``.
+    """
+    headers = {"Range": f"bytes=0-{PROBE_BYTES - 1}", "Accept-Encoding": "identity"}
+
+    async def read(response: aiohttp.ClientResponse) -> tuple[int, int | None, bytes]:
+        if response.status not in (200, 206):
+            return response.status, None, b""
+        total_bytes = _total_bytes(response.headers, response.status)
+        return response.status, total_bytes, await _read_head(response.content)
+
+    try:
+        async with asyncio.timeout(timeout_s):
+            status, total_bytes, head = await _follow(session, URL(url), cfg, read, headers=headers)
+    except TimeoutError:
+        return RemoteProbe(None, unsized_because="probe: timed out")
+    except _HopRefused as err:
+        return RemoteProbe(None, unsized_because=f"probe: {err}")
+    except AddressRefused:
+        return RemoteProbe(None, unsized_because=PROBE_REFUSED)
+    except (aiohttp.ClientError, ValueError) as err:  # ValueError: a URL yarl cannot parse
+        if isinstance(err, aiohttp.ClientConnectorError) and isinstance(err.os_error, AddressRefused):
+            return RemoteProbe(None, unsized_because=PROBE_REFUSED)
+        return RemoteProbe(None, unsized_because=f"probe: {type(err).__name__}")
+    if status not in (200, 206):
+        return RemoteProbe(None, unsized_because=f"probe: HTTP {status}")
+    try:  # the header reader used for files, over the bytes we have
+        size = await asyncio.to_thread(measure_image_bytes, head, ref=url, row_id="probe")
+    except ImageError:  # not an image, or its size lies past the bytes read
+        return RemoteProbe(None, total_bytes, f"probe: no size in the first {PROBE_BYTES // 1024} KiB")
+    return RemoteProbe(size, total_bytes)
+
+
 async def _follow(
-    session: aiohttp.ClientSession, url: URL, cfg: ImagesConfig, *, row_id: str, short: str
-) -> bytes:
+    session: aiohttp.ClientSession,
+    url: URL,
+    cfg: ImagesConfig,
+    read: Callable[[aiohttp.ClientResponse], Awaitable[T]],
+    *,
+    headers: Mapping[str, str] | None = None,
+) -> T:
+    """`read` of the answer at the end of at most ``cfg.max_redirects`` redirects, each hop checked first.
+
+    Raises _HopRefused or AddressRefused for a hop that may not be requested.
+    """
     for _ in range(cfg.max_redirects + 1):
-        _check_target(url, cfg, row_id=row_id, short=short)
-        async with session.get(url, allow_redirects=False) as response:
+        _check_target(url, cfg)
+        async with session.get(url, headers=headers, allow_redirects=False) as response:
             if response.status in REDIRECT_STATUSES:
                 location = response.headers.get("Location")
                 if not location:
-                    raise ImageError(
-                        row_id, f"HTTP {response.status} redirect without a Location", path=short
-                    )
+                    raise _HopRefused(f"HTTP {response.status} redirect without a Location")
                 url = url.join(URL(location))  # a Location may be relative to the URL that sent it
                 continue
-            if response.status != 200:
-                raise ImageError(
-                    row_id,
-                    f"download failed: HTTP {response.status} {response.reason or ''}".rstrip(),
-                    path=short,
-                )
-            return await _read_at_most(response, cfg, row_id=row_id, short=short)
-    raise ImageError(row_id, f"more than images.max_redirects = {cfg.max_redirects} redirects", path=short)
+            return await read(response)
+    raise _HopRefused(f"more than images.max_redirects = {cfg.max_redirects} redirects")
 
 
-def _check_target(url: URL, cfg: ImagesConfig, *, row_id: str, short: str) -> None:
+def _check_target(url: URL, cfg: ImagesConfig) -> None:
     """Refuse a hop before it is requested: its scheme, and its address when the host is an IP literal."""
     if (url.scheme or "").lower() not in REMOTE_SCHEMES:
-        raise ImageError(
-            row_id, f"redirected to a {url.scheme or 'schemeless'}: URL; only http(s) is fetched", path=short
-        )
+        raise _HopRefused(f"redirected to a {url.scheme or 'schemeless'}: URL; only http(s) is fetched")
     host = url.raw_host or ""
     try:
         ipaddress.ip_address(host.partition("%")[0])
     except ValueError:
         return  # a name: the session's resolver checks what it resolves to
     if not cfg.allow_private_urls and not is_public_address(host):
-        raise ImageError(row_id, _refused(f"{host} is not a public address"), path=short)
+        raise AddressRefused(f"{host} is not a public address")
 
 
 def _refused(why: str) -> str:
@@ -176,6 +242,24 @@ async def _read_at_most(
             raise ImageError(row_id, too_big, path=short)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _read_head(stream: aiohttp.StreamReader) -> bytes:
+    """Up to PROBE_BYTES: a server that ignores Range would send us the whole file."""
+    chunks: list[bytes] = []
+    while (got := sum(map(len, chunks))) < PROBE_BYTES and (chunk := await stream.read(PROBE_BYTES - got)):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _total_bytes(headers: Mapping[str, str], status: int) -> int | None:
+    """The whole file's length: Content-Range of a 206, Content-Length of a 200."""
+    text = (
+        headers.get("Content-Range", "").rpartition("/")[2]
+        if status == 206
+        else headers.get("Content-Length")
+    )
+    return int(text) if text and text.isdigit() else None
 
 
 def _one_line(err: BaseException | None) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 import aiohttp
 
 from pipeline import checkpoint
-from pipeline.client import Client, Outcome, build_body, endpoint_for
+from pipeline.client import Client, Outcome, build_body, endpoint_for, oversize_reason
 from pipeline.config import RunConfig, api_key
 from pipeline.images import prepare_image, prepare_image_bytes
 from pipeline.limits import Limits
@@ -399,14 +399,9 @@ class _Stages:
             body = build_body(task, images, cfg.request, self.model_in_body)
             sizes = [(i.width, i.height) if i.width and i.height else None for i in images]
             estimated = count_prompt_tokens(body["messages"], sizes, cfg.endpoint.model)
+            if (too_big := oversize_reason(estimated, cfg.request, cfg.limits)) is not None:
+                raise ApiError(task.row_id, too_big, status=None)  # the limiter could never admit it
             reserve = estimated + cfg.request.max_tokens
-            if not self.client.limits.admits(reserve):
-                raise ApiError(
-                    task.row_id,
-                    f"needs {reserve} tokens (prompt {estimated} + max_tokens {cfg.request.max_tokens}), more "
-                    f"than limits.tokens_per_minute = {cfg.limits.tokens_per_minute}; not sent",
-                    status=None,
-                )
             result = _answered(task, await self.client.caption(task, body, reserve), cfg, estimated, self.price)
         except RunAborted:
             raise

@@ -2,17 +2,19 @@
 
 A row is committed when the part file holding it is renamed into place: written under a temporary
 name that starts with a dot (readers skip those), flushed, fsynced, renamed, and the folder fsynced.
+The estimate's ``--per-row`` file has its schema here too and is written the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -61,6 +63,21 @@ SCHEMA = pa.schema(
     ]
 )
 BASE_COLUMNS = frozenset(SCHEMA.names)
+
+# The estimate's --per-row file (``estimate --per-row``): one row per manifest row, what it would cost.
+ESTIMATE_ROWS_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("line", pa.int64()),
+        pa.field("detail", pa.string()),
+        pa.field("images", pa.int32()),
+        pa.field("unsized_images", pa.int32()),
+        pa.field("prompt_tokens", pa.int64()),
+        pa.field("cost_usd", pa.float64()),  # expected: prompt plus the expected completion; null if failing
+        pa.field("reason", pa.string()),  # the kind of failure, null for a row to send
+        pa.field("error", pa.string()),  # the error the run would commit
+    ]
+)
 
 
 def _filter_value(result: FilterResult | None) -> dict[str, Any] | None:
@@ -127,23 +144,70 @@ def rows_to_table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.Ta
 
 def write_part(output: Path, name: str, table: pa.Table) -> Path:
     """Commit `table` as part file `name`: temp file, fsync, rename, fsync the folder. Blocking."""
-    final = output / name
-    temp = output / f"{TEMP_PREFIX}{name}"
+    part = ParquetFileWriter(output / name, table.schema)
     try:
-        with open(temp, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, final)  # the commit
+        part.write(table)
+        return part.commit()
     except BaseException:
-        temp.unlink(missing_ok=True)
+        part.discard()
         raise
-    fsync_dir(output)
-    return final
 
 
 def _commit_rows(output: Path, name: str, rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> Path:
     return write_part(output, name, rows_to_table(rows, schema))
+
+
+class ParquetFileWriter:
+    """One Parquet file written a table at a time under a temporary name that readers skip, then committed
+    whole: fsynced, renamed into place, its folder fsynced. Memory holds one table, not the file. Blocking:
+    call it from a thread.
+    """
+
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
+        self.path, self.schema = path, schema
+        self.temp = path.with_name(f"{TEMP_PREFIX}{path.name}")
+        self._file: BinaryIO | None = None
+        self._writer: pq.ParquetWriter | None = None
+
+    def write(self, table: pa.Table) -> None:
+        """Append `table`'s rows (of this file's schema); the first call creates the temporary file."""
+        if self._writer is None:
+            self._file = open(self.temp, "wb")
+            self._writer = pq.ParquetWriter(self._file, self.schema, compression="zstd")
+        self._writer.write_table(table)
+
+    def commit(self) -> Path:
+        """Put the file in place under its name, with no rows when none were written; returns its path."""
+        if self._writer is None:
+            self.write(self.schema.empty_table())
+        assert self._writer is not None and self._file is not None
+        self._writer.close()  # writes the footer; the file itself stays open
+        self._writer = None
+        _sync_and_rename(self._file, self.temp, self.path)  # the commit
+        self._file = None
+        return self.path
+
+    def discard(self) -> None:
+        """After a failure: remove the temporary file, so no half-written file is left behind. Does
+        nothing when nothing was written, or once committed."""
+        if self._file is None:
+            return
+        if self._writer is not None:
+            with contextlib.suppress(OSError, pa.ArrowException):  # the failure itself may be a full disk
+                self._writer.close()
+            self._writer = None
+        self._file.close()
+        self._file = None
+        self.temp.unlink(missing_ok=True)
+
+
+def _sync_and_rename(f: IO[Any], temp: Path, final: Path) -> None:
+    """Flush and fsync `f`, written at `temp`, close it and rename it to `final`; then fsync the folder."""
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+    os.replace(temp, final)
+    fsync_dir(final.parent)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -161,10 +225,7 @@ def write_json_atomic(path: Path, value: Any) -> None:
     with open(temp, "w", encoding="utf-8") as f:
         json.dump(value, f, indent=2, sort_keys=True)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)
-    fsync_dir(path.parent)
+        _sync_and_rename(f, temp, path)
 
 
 def part_files(output: Path) -> list[Path]:

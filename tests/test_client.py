@@ -9,6 +9,7 @@ from pipeline.client import (
     classify,
     endpoint_for,
     finish_reason_text,
+    oversize_reason,
     parse_answer,
     retry_after_s,
 )
@@ -158,3 +159,16 @@ def test_parse_answer_reads_the_filter_result_of_a_refused_prompt():
     assert answer.finish_reason == "content_filter"
     assert answer.prompt_filter.sexual.filtered
     assert answer.prompt_filter.is_filtered
+
+
+def test_a_request_is_refused_only_when_it_needs_more_than_the_whole_per_minute_budget():
+    """The run's refusal and the estimate's count of it: one function, one text."""
+    request, limits = RequestConfig(max_tokens=300), LimitsConfig(tokens_per_minute=1_000)
+
+    at_budget = oversize_reason(700, request, limits)
+    over = oversize_reason(701, request, limits)
+
+    assert at_budget is None
+    assert over == (
+        "needs 1001 tokens (prompt 701 + max_tokens 300), more than limits.tokens_per_minute = 1000; not sent"
+    )

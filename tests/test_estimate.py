@@ -20,26 +20,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import azure_config, make_image, write_csv
+
+import pipeline.images
 from pipeline.config import RunConfig, config_from_mapping, load_config
-from pipeline.estimate import (
-    NOT_PROBED,
-    SCHEMA,
-    EstimateOptions,
-    ImageSize,
-    estimate,
-    estimate_as_json,
-    estimate_row,
-    format_estimate,
-    parse_window_h,
-    plan_duration,
-)
-from pipeline.limits import Limits
+from pipeline.estimate import NOT_PROBED, EstimateOptions, ImageSize, estimate, estimate_row
+from pipeline.plan import SCHEMA, estimate_as_json, format_estimate
 from pipeline.records import ConfigError, ImageTask
+from pipeline.remote import PROBE_REFUSED
 from pipeline.runner import RunOptions, run
 from pipeline.sink import read_output
 from pipeline.tokens import max_image_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
+ALLOW_LOOPBACK = {"allow_private_urls": True}  # the test servers listen on 127.0.0.1
 SAMPLE_MANIFEST = ROOT / "sample_data" / "manifest.csv"
 CLI = [sys.executable, "-m", "pipeline"]
 
@@ -181,6 +174,29 @@ async def test_rows_that_would_fail_are_listed_by_reason_with_the_run_s_own_erro
     assert errors == committed
 
 
+async def test_refusals_of_the_images_module_are_grouped_by_reason(tmp_path, monkeypatch):
+    """Outside images.allowed_roots, and a HEIC file where no HEIF reader is installed."""
+    make_image(tmp_path / "shared" / "a.png")
+    make_image(tmp_path / "elsewhere" / "b.png")
+    ftyp = struct.pack(">I", 24) + b"ftypheic" + b"\0\0\0\0" + b"mif1heic"
+    (tmp_path / "shared" / "IMG_0001.HEIC").write_bytes(ftyp + b"\0" * 64)
+    monkeypatch.setattr(
+        pipeline.images, "SNIFFED_FORMATS", tuple(f for f in pipeline.images.SNIFFED_FORMATS if f != "HEIF")
+    )
+    (tmp_path / "manifests").mkdir()
+    rows = [
+        {"id": "allowed", "image": "../shared/a.png"},
+        {"id": "outside", "image": "../elsewhere/b.png"},
+        {"id": "heic", "image": "../shared/IMG_0001.HEIC"},
+    ]
+    manifest = write_csv(tmp_path / "manifests" / "m.csv", rows)
+
+    result = await estimate(config(images={"allowed_roots": ["../shared"]}), EstimateOptions(manifest))
+
+    assert result.tally.to_send == 1
+    assert result.tally.failing == {"outside the allowed folders": 1, "unsupported format": 1}
+
+
 async def test_duplicate_ids_are_ignored_as_the_run_ignores_them(tmp_path):
     make_image(tmp_path / "a.png")
     manifest = write_csv(
@@ -242,67 +258,6 @@ async def test_cost_prices_input_and_output_separately_and_at_batch_prices(image
     assert result.batch_cost.total_max_usd == pytest.approx(result.cost.total_max_usd / 2)
 
 
-# ---- duration ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.looptime
-@pytest.mark.parametrize(
-    ("tpm", "rpm", "reserve", "binding"),
-    [
-        (30_000, 180, 1_400, "tokens_per_minute"),
-        (300_000, 60, 500, "requests_per_minute"),
-        (10_000, 60, 9_000, "tokens_per_minute"),
-        (60_000, 360, 1_800, "tokens_per_minute"),
-    ],
-)
-async def test_the_planned_rate_is_what_the_limiter_admits(tpm, rpm, reserve, binding):
-    """A request larger than a window's share goes alone: 6 a minute, where TPM / reserve would say 1.1."""
-    cfg = config(limits={"tokens_per_minute": tpm, "requests_per_minute": rpm}, request={"max_tokens": 300})
-    limits, loop = Limits(tpm, rpm), asyncio.get_running_loop()
-    start, admitted = loop.time(), []
-
-    async def worker() -> None:
-        while loop.time() - start < 1200:
-            await limits.acquire(reserve)
-            admitted.append(loop.time() - start)
-
-    async with asyncio.TaskGroup() as tg:
-        for _ in range(8):
-            tg.create_task(worker())
-    rows = sum(t < 1200 for t in admitted)
-    plan = plan_duration(rows, (reserve - 300) * rows, cfg, window_h=None, latency_s=None)
-
-    assert plan.binding == binding
-    assert plan.rows_per_min == pytest.approx(rows / 20, rel=0.02)
-
-
-def test_a_run_fits_a_window_or_says_it_does_not():
-    cfg = config(
-        limits={"tokens_per_minute": 30_000, "requests_per_minute": 180}, request={"max_tokens": 300}
-    )
-
-    fits = plan_duration(1_000, 1_100_000, cfg, window_h=6.0, latency_s=None)
-    too_long = plan_duration(10_000, 11_000_000, cfg, window_h=6.0, latency_s=None)
-
-    assert fits.rows_per_window_by_tokens == 3 and fits.fits_window is True  # 5000 / 1400 per 10.25 s
-    assert too_long.fits_window is False and too_long.duration_h == pytest.approx(
-        10_000 / (3 * 60 / 10.25) / 60
-    )
-
-
-@pytest.mark.parametrize(
-    ("text", "hours"), [("6h", 6.0), ("90m", 1.5), ("1h30m", 1.5), ("2d", 48.0), ("1.5", 1.5)]
-)
-def test_windows_are_read_in_days_hours_minutes_or_seconds(text, hours):
-    assert parse_window_h(text) == hours
-
-
-@pytest.mark.parametrize("text", ["6x", "", "0h", "h"])
-def test_a_window_that_is_not_a_duration_is_refused(text):
-    with pytest.raises(ValueError):
-        parse_window_h(text)
-
-
 # ---- http(s) images: sized by a Range request, only when asked ------------------------------------------
 
 
@@ -351,8 +306,8 @@ async def test_probed_urls_are_sized_from_their_first_bytes(tmp_path, image_serv
     rows.append({"id": "again", "image": f"{url}/big.png", "detail": "high"})
     manifest = write_csv(tmp_path / "m.csv", rows)
 
-    probed = await estimate(config(), EstimateOptions(manifest, probe_urls=True))
-    unprobed = await estimate(config(), EstimateOptions(manifest))
+    probed = await estimate(config(images=ALLOW_LOOPBACK), EstimateOptions(manifest, probe_urls=True))
+    unprobed = await estimate(config(images=ALLOW_LOOPBACK), EstimateOptions(manifest))
 
     assert probed.tally.unsized_because == {} and ranges == ["bytes=0-65535"]  # one probe per URL
     assert (
@@ -367,12 +322,25 @@ async def test_probes_that_fail_leave_the_image_unsized_and_an_oversized_one_fai
     rows = [{"id": name, "image": f"{url}/{name}"} for name in ("gone.png", "slow.png", "huge.png")]
     manifest = write_csv(tmp_path / "m.csv", rows)
 
-    result = await estimate(config(), EstimateOptions(manifest, probe_urls=True, probe_timeout_s=0.2))
+    result = await estimate(
+        config(images=ALLOW_LOOPBACK), EstimateOptions(manifest, probe_urls=True, probe_timeout_s=0.2)
+    )
 
     assert result.tally.unsized_because == {"probe: HTTP 404": 1, "probe: timed out": 1}
     assert result.tally.failing == {"over the size limit": 1} and result.tally.failing_ids[
         "over the size limit"
     ] == ("huge.png",)
+
+
+async def test_a_probe_reaches_no_private_address_unless_allowed(tmp_path, image_server):
+    """The image server is on 127.0.0.1: probes keep the download's rule (images.allow_private_urls)."""
+    url, ranges = image_server
+    manifest = write_csv(tmp_path / "m.csv", [{"id": "big", "image": f"{url}/big.png", "detail": "high"}])
+
+    result = await estimate(config(), EstimateOptions(manifest, probe_urls=True))
+
+    assert result.tally.unsized_because == {PROBE_REFUSED: 1} and result.tally.to_send == 1
+    assert ranges == []  # refused before connecting
 
 
 # ---- what the user gets ---------------------------------------------------------------------------------

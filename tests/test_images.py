@@ -464,7 +464,7 @@ def test_measure_image_honours_the_same_allowed_roots(tmp_path):
     (tmp_path / "shared" / "header.png").write_bytes(png_header_only(5000, 4000))
 
     size = measure_image("../shared/header.png", base_dir=tmp_path / "manifests", row_id="r",
-                         allowed_roots=("../shared",))  # fmt: skip
+                         cfg=ImagesConfig(allowed_roots=("../shared",)))  # fmt: skip
 
     assert size == (5000, 4000)
 
@@ -538,6 +538,25 @@ def test_read_image_size_reads_the_header_only(tmp_path):
     assert read_image_size(tmp_path / "header.png") == (5000, 4000)
 
 
+@pytest.mark.parametrize("ref", ["huge.png", "pixels-data-url", "bytes-data-url"])
+def test_measure_image_refuses_what_prepare_image_refuses_in_the_same_words(tmp_path, ref):
+    """The estimate counts these rows as failing with the run's own error, read from headers only."""
+    (tmp_path / "huge.png").write_bytes(png_header_only(5000, 5000))
+    ref = {
+        "pixels-data-url": "data:image/png;base64," + base64.b64encode(png_header_only(5000, 5000)).decode(),
+        "bytes-data-url": "data:image/png;base64," + base64.b64encode(b"\x89PNG" + b"\0" * 3000).decode(),
+    }.get(ref, ref)
+    cfg = ImagesConfig(max_pixels=20_000_000, max_image_bytes=2_000)
+
+    with pytest.raises(ImageError) as measured:
+        measure_image(ref, base_dir=tmp_path, cfg=cfg, row_id="r")
+    with pytest.raises(ImageError) as prepared:
+        prepare_image(ref, base_dir=tmp_path, detail="high", cfg=cfg, row_id="r")
+
+    assert str(measured.value) == str(prepared.value)
+    assert "images.max_pixels" in str(measured.value) or "images.max_image_bytes" in str(measured.value)
+
+
 def test_read_image_size_of_a_non_image_raises_oserror(tmp_path):
     (tmp_path / "notes.jpg").write_text("not an image")
 
@@ -549,13 +568,13 @@ def test_measure_image_follows_the_same_reference_rules_as_prepare_image(tmp_pat
     (tmp_path / "header.png").write_bytes(png_header_only(5000, 4000))
 
     sizes = (
-        measure_image("header.png", base_dir=tmp_path, row_id="r"),
-        measure_image("https://example.com/a.jpg", base_dir=tmp_path, row_id="r"),
+        measure_image("header.png", base_dir=tmp_path, cfg=CFG, row_id="r"),
+        measure_image("https://example.com/a.jpg", base_dir=tmp_path, cfg=CFG, row_id="r"),
     )
 
     assert sizes == ((5000, 4000), None)
     with pytest.raises(ImageError, match="outside"):
-        measure_image("../elsewhere.png", base_dir=tmp_path, row_id="r")
+        measure_image("../elsewhere.png", base_dir=tmp_path, cfg=CFG, row_id="r")
 
 
 def test_shorten_url_keeps_a_data_urls_type_and_size_only():

@@ -20,8 +20,15 @@ from PIL import Image
 
 import pipeline.remote
 from pipeline.config import ImagesConfig
-from pipeline.records import ImageError
-from pipeline.remote import fetch_image, is_public_address, is_remote_url, open_session
+from pipeline.records import ImageError, RemoteProbe
+from pipeline.remote import (
+    PROBE_REFUSED,
+    fetch_image,
+    is_public_address,
+    is_remote_url,
+    open_session,
+    probe_image,
+)
 from pipeline.runner import EXIT_OK, EXIT_ROW_ERRORS, RunOptions, run
 
 ALLOW_LOOPBACK = ImagesConfig(allow_private_urls=True)
@@ -206,6 +213,35 @@ def test_only_public_internet_addresses_count_as_public(address, is_public):
 )  # fmt: skip
 def test_only_http_and_https_references_are_downloaded(ref, is_remote):
     assert is_remote_url(ref) is is_remote
+
+
+# Probes for the estimate: the first bytes only, under the same rules
+
+
+async def probe(url: str, cfg: ImagesConfig = ALLOW_LOOPBACK) -> RemoteProbe:
+    async with open_session(cfg) as session:
+        return await probe_image(session, url, cfg, timeout_s=10.0)
+
+
+async def test_a_probe_follows_redirects_and_reads_the_size_from_the_first_bytes(server):
+    result = await probe(url_of(server, "/redirect/2"))
+
+    assert result.size == (4000, 3000) and result.total_bytes == len(PHOTO) > 64 * 1024
+    assert server.app[HITS] == ["/redirect/2", "/redirect/1", "/photo.jpg"]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+async def test_a_probe_is_refused_where_a_download_would_be(server, host):
+    result = await probe(f"http://{host}:{server.port}/photo.jpg", ImagesConfig())
+
+    assert result == RemoteProbe(None, unsized_because=PROBE_REFUSED)
+    assert server.app[HITS] == []  # refused before connecting
+
+
+async def test_a_probe_redirected_to_another_scheme_stays_unsized(server):
+    result = await probe(url_of(server, "/redirect-to?location=file:///etc/passwd"))
+
+    assert result.size is None and "only http(s) is fetched" in (result.unsized_because or "")
 
 
 # In a run

@@ -1,12 +1,13 @@
 import asyncio
 
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import OutputConfig
 from pipeline.records import CategoryFilter, FilterResult, ImageTask, Usage, VisionResult
-from pipeline.sink import SCHEMA, Sink, part_files, read_output
+from pipeline.sink import SCHEMA, ParquetFileWriter, Sink, part_files, read_output
 
 
 def result(row_id: str, **extra: str) -> VisionResult:
@@ -102,3 +103,27 @@ async def test_rows_put_while_a_part_is_written_wait_for_the_next_full_part(tmp_
 
     sizes = [pq.read_metadata(p).num_rows for p in part_files(tmp_path)]
     assert sum(sizes) == 100 and sizes == [10] * 10
+
+
+def test_a_file_written_a_table_at_a_time_appears_whole_only_when_committed(tmp_path):
+    schema = pa.schema([pa.field("id", pa.string(), nullable=False)])
+    writer = ParquetFileWriter(tmp_path / "rows.parquet", schema)
+
+    for chunk in (["a", "b"], ["c"]):
+        writer.write(pa.table({"id": chunk}, schema=schema))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    writer.commit()
+
+    assert before == [".tmp-rows.parquet"]  # readers skip dot files
+    assert pq.read_table(tmp_path / "rows.parquet").column("id").to_pylist() == ["a", "b", "c"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.parquet"]
+
+
+def test_a_discarded_file_leaves_nothing_behind(tmp_path):
+    schema = pa.schema([pa.field("id", pa.string(), nullable=False)])
+    writer = ParquetFileWriter(tmp_path / "rows.parquet", schema)
+
+    writer.write(pa.table({"id": ["a"]}, schema=schema))
+    writer.discard()
+
+    assert list(tmp_path.iterdir()) == []
