@@ -14,7 +14,8 @@ over the first ``--minutes`` of the run, start-up included:
   Every request the server charged counts, 5xx ones included (their tokens come from the committed row's
   estimate, which equals the bill);
 * first 10 s: the same for the run's first 10 seconds: no start-up burst;
-* retries and 429 pauses as the run summary reports them; rows/s: 200 answers per second.
+* retries and 429 pauses as the run summary reports them (retries also count rows finished after the
+  stop); 5xx: answers 500 in the measured minutes; rows/s: 200 answers per second.
 
 Then the same with 5 % of requests answered 500, checking that every committed row is ``ok`` or
 ``error`` with a reason. Each scenario runs ``--runs`` times; the median is printed last.
@@ -50,8 +51,20 @@ CONCURRENCY = 24
 FAULT_RATE = 0.05
 WINDOW_S = 10.0  # Azure's quota window
 # (width, height): thumbnails to posters, and a tall panorama; high detail costs 255 to 1105 tokens each
-IMAGE_SIZES = ((64, 48), (320, 240), (512, 512), (640, 480), (800, 600), (1024, 768), (1024, 1024),
-               (1280, 720), (1600, 1200), (300, 2000), (2048, 1536), (2048, 2048))
+IMAGE_SIZES = (
+    (64, 48),
+    (320, 240),
+    (512, 512),
+    (640, 480),
+    (800, 600),
+    (1024, 768),
+    (1024, 1024),
+    (1280, 720),
+    (1600, 1200),
+    (300, 2000),
+    (2048, 1536),
+    (2048, 2048),
+)
 DETAILS = ("low", "high", "auto")
 FORMATS = ("PNG", "JPEG")
 
@@ -86,6 +99,7 @@ class Figures:
     pauses: int
     rows_per_s: float
     requests: int
+    faults: int  # 5xx answers
     committed: int
     errors: int
     is_consistent: bool  # every committed row once, ok/filtered, or error with a reason
@@ -103,8 +117,14 @@ def bench_config(url: str, tokens_per_minute: int, concurrency: int) -> RunConfi
 
 
 async def one_run(
-    manifest: Path, output: Path, *, tokens_per_minute: int, seconds: float, concurrency: int,
-    fault_rate: float, seed: int,
+    manifest: Path,
+    output: Path,
+    *,
+    tokens_per_minute: int,
+    seconds: float,
+    concurrency: int,
+    fault_rate: float,
+    seed: int,
 ) -> Figures:
     """Run the pipeline for `seconds` against a fresh quota-mode emulator and measure it from the server."""
     os.environ[KEY_ENV] = KEY
@@ -117,7 +137,9 @@ async def one_run(
         started = loop.time()
         stop = loop.call_later(seconds, os.kill, os.getpid(), signal.SIGTERM)  # the runner's own stop
         try:
-            summary = await run(bench_config(emulator.url, tokens_per_minute, concurrency), RunOptions(manifest, output))
+            summary = await run(
+                bench_config(emulator.url, tokens_per_minute, concurrency), RunOptions(manifest, output)
+            )
         finally:
             stop.cancel()
     rows = read_output(output).to_pylist()
@@ -125,12 +147,17 @@ async def one_run(
 
 
 def measure(
-    requests: Sequence[ReceivedRequest], rows: list[dict], summary: RunSummary, started: float, seconds: float,
+    requests: Sequence[ReceivedRequest],
+    rows: list[dict],
+    summary: RunSummary,
+    started: float,
+    seconds: float,
     tokens_per_minute: int,
 ) -> Figures:
-    """The figures of one run: requests that arrived in [started, started + seconds), and the committed rows."""
+    """The figures of one run, from the requests that arrived in [started, started + seconds) and the rows."""
     seen = [r for r in requests if started <= r.at < started + seconds]
-    prompt_tokens = {row["prompt"]: row["estimated_prompt_tokens"] for row in rows}  # the estimate is the bill
+    # a request answered 5xx has no usage: its row's estimate stands in, as the estimate is the bill
+    prompt_tokens = {row["prompt"]: row["estimated_prompt_tokens"] for row in rows}
     charges: list[tuple[float, int]] = []  # what the server booked into its window: answered or failed after
     for r in seen:
         tokens = r.prompt_tokens if r.prompt_tokens is not None else prompt_tokens.get(r.prompt_text)
@@ -155,6 +182,7 @@ def measure(
         pauses=summary.pauses,
         rows_per_s=len(answered) / seconds,
         requests=len(seen),
+        faults=sum(r.status >= 500 for r in seen),
         committed=summary.rows,
         errors=summary.counts["error"],
         is_consistent=is_consistent,
@@ -173,15 +201,20 @@ def largest_window(charges: Sequence[tuple[float, int]]) -> int:
     return best
 
 
-HEADER = (f"{'run':>6} {'served/quota':>12} {'billed tok/min':>14} {'429s':>7} {'max 10 s':>8} {'first 10 s':>10} "
-          f"{'retries':>7} {'pauses':>6} {'rows/s':>6} {'requests':>8} {'committed':>9} {'errors':>6} {'rows ok?':>8}")
+HEADER = (
+    f"{'run':>6} {'served/quota':>12} {'billed tok/min':>14} {'429s':>7} {'max 10 s':>8} {'first 10 s':>10} "
+    f"{'retries':>7} {'pauses':>6} {'rows/s':>6} {'requests':>8} {'5xx':>4} {'committed':>9} {'errors':>6} "
+    f"{'rows ok?':>8}"
+)
 
 
 def format_row(label: str, f: Figures) -> str:
-    return (f"{label:>6} {f.served_share:>12.1%} {f.billed_per_min:>14.0f} {f.rejected_share:>7.2%} "
-            f"{f.largest_window_share:>8.1%} {f.first_window_share:>10.1%} {f.retries:>7} {f.pauses:>6} "
-            f"{f.rows_per_s:>6.2f} {f.requests:>8} {f.committed:>9} {f.errors:>6} "
-            f"{'yes' if f.is_consistent else 'NO':>8}")
+    return (
+        f"{label:>6} {f.served_share:>12.1%} {f.billed_per_min:>14.0f} {f.rejected_share:>7.2%} "
+        f"{f.largest_window_share:>8.1%} {f.first_window_share:>10.1%} {f.retries:>7} {f.pauses:>6} "
+        f"{f.rows_per_s:>6.2f} {f.requests:>8} {f.faults:>4} {f.committed:>9} {f.errors:>6} "
+        f"{'yes' if f.is_consistent else 'NO':>8}"
+    )
 
 
 def median_figures(runs: Sequence[Figures]) -> Figures:
@@ -192,15 +225,25 @@ def median_figures(runs: Sequence[Figures]) -> Figures:
     return Figures(**values)
 
 
-async def scenario(name: str, manifest: Path, work: Path, args: argparse.Namespace, fault_rate: float) -> Figures:
-    print(f"\n{name}: TPM {args.tpm}, {args.minutes:g} min, latency {LATENCY_S} s, "
-          f"fault rate {fault_rate:.0%}, concurrency {args.concurrency}", flush=True)
+async def scenario(
+    name: str, manifest: Path, work: Path, args: argparse.Namespace, fault_rate: float
+) -> Figures:
+    print(
+        f"\n{name}: TPM {args.tpm}, {args.minutes:g} min, latency {LATENCY_S} s, "
+        f"fault rate {fault_rate:.0%}, concurrency {args.concurrency}",
+        flush=True,
+    )
     print(HEADER, flush=True)
     runs = []
     for n in range(1, args.runs + 1):
         figures = await one_run(
-            manifest, work / f"{name}-{n}", tokens_per_minute=args.tpm, seconds=args.minutes * 60,
-            concurrency=args.concurrency, fault_rate=fault_rate, seed=n,
+            manifest,
+            work / f"{name}-{n}",
+            tokens_per_minute=args.tpm,
+            seconds=args.minutes * 60,
+            concurrency=args.concurrency,
+            fault_rate=fault_rate,
+            seed=n,
         )
         runs.append(figures)
         print(format_row(str(n), figures), flush=True)
@@ -230,10 +273,16 @@ async def main(args: argparse.Namespace) -> int:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=3.0, help="length of each run (default 3)")
-    parser.add_argument("--runs", type=int, default=3, help="runs per scenario; the median is printed (default 3)")
-    parser.add_argument("--tpm", type=int, default=60_000, help="the quota, tokens per minute (default 60000)")
+    parser.add_argument(
+        "--runs", type=int, default=3, help="runs per scenario; the median is printed (default 3)"
+    )
+    parser.add_argument(
+        "--tpm", type=int, default=60_000, help="the quota, tokens per minute (default 60000)"
+    )
     parser.add_argument("--rows", type=int, default=2000, help="manifest rows (default 2000)")
-    parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help=f"workers (default {CONCURRENCY})")
+    parser.add_argument(
+        "--concurrency", type=int, default=CONCURRENCY, help=f"workers (default {CONCURRENCY})"
+    )
     return parser.parse_args(argv)
 
 

@@ -328,6 +328,7 @@ class Client:
             wait_s = verdict.wait_s if verdict.wait_s is not None else backoff_s(attempt, cfg, self._rng)
             self.retries_by_cause[cause] += 1
             if last_status == 429:
+                self.limits.settle(reservation, 0)  # a refused request is not charged against the quota
                 log.info(
                     "429 from the endpoint: pausing every worker for %.2f s", wait_s,
                     extra={"event": "paused_on_429", "wait_s": round(wait_s, 3), "row_id": task.row_id},
