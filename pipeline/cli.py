@@ -8,13 +8,14 @@ Exit codes: 0 every row ok or filtered; 1 some rows ended in error; 2 bad usage 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
-
-import dataclasses
-import json
 
 from pipeline.config import load_config
 from pipeline.estimate import EstimateOptions, estimate
@@ -40,6 +41,20 @@ EXIT_CODES_HELP = "Exit codes: " + "; ".join(f"{code} {meaning}" for code, meani
 
 def _setup_logging(verbose: int, quiet: bool, log_format: LogFormat = "auto") -> str:
     return setup_logging(verbose, quiet, log_format)
+
+
+@contextlib.contextmanager
+def _exit_on_errors(writing: str) -> Iterator[None]:
+    """One line on stderr and the exit code cron reads: ConfigError exits 2, OSError while writing
+    `writing` exits 4."""
+    try:
+        yield
+    except ConfigError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_USAGE)
+    except OSError as err:
+        click.echo(f"error: cannot {writing}: {err}", err=True)
+        sys.exit(EXIT_OUTPUT_FAILED)
 
 
 @click.group(epilog=EXIT_CODES_HELP)
@@ -88,19 +103,13 @@ def run_command(
         manifest, output, limit=limit, retry_failed=retry_failed, new_run=new_run, progress=progress,
         metrics_file=metrics_file,
     )  # fmt: skip
-    try:
+    with _exit_on_errors(f"use the output {output}"):
         cfg = load_config(config)
         if dry_run:
             preview = preview_first_request(cfg, manifest, output, retry_failed=retry_failed)
             click.echo(json.dumps(preview_as_json(preview), indent=2))
             sys.exit(EXIT_OK)
         summary = asyncio.run(run(cfg, options))
-    except ConfigError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(EXIT_USAGE)
-    except OSError as err:
-        click.echo(f"error: cannot use the output {output}: {err}", err=True)
-        sys.exit(EXIT_OUTPUT_FAILED)
     click.echo(json.dumps(summary_as_dict(summary)) if chosen == "json" else format_summary(summary))
     sys.exit(summary.exit_code)
 
@@ -129,11 +138,8 @@ def format_summary(summary: RunSummary) -> str:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
 def status_command(output: Path, as_json: bool) -> None:
     """Rows by status, tokens, cost, the last run, and the failed rows with their reasons."""
-    try:
+    with _exit_on_errors(f"read {output}"):
         status = read_status(output)
-    except ConfigError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(EXIT_USAGE)
     click.echo(json.dumps(dataclasses.asdict(status), indent=2) if as_json else format_status(status))
 
 
@@ -163,14 +169,8 @@ def estimate_command(
     options = EstimateOptions(
         manifest, observed=observed, per_row=per_row, window_h=window_h, probe_urls=probe_urls
     )
-    try:
+    with _exit_on_errors(f"write {per_row}"):
         result = asyncio.run(estimate(load_config(config), options))
-    except ConfigError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(EXIT_USAGE)
-    except OSError as err:
-        click.echo(f"error: cannot write {per_row}: {err}", err=True)
-        sys.exit(EXIT_OUTPUT_FAILED)
     click.echo(json.dumps(estimate_as_json(result), indent=2) if as_json else format_estimate(result))
 
 
@@ -180,14 +180,8 @@ def estimate_command(
               help=f"Where to write the page (default OUTPUT/{REPORT_FILE}).")
 def report_command(output: Path, dest: Path | None) -> None:
     """Write one self-contained HTML page about OUTPUT: summary, failed rows, filter hits, histograms, samples."""
-    try:
+    with _exit_on_errors("write the report"):
         path = write_report(output, dest)
-    except ConfigError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(EXIT_USAGE)
-    except OSError as err:
-        click.echo(f"error: cannot write the report: {err}", err=True)
-        sys.exit(EXIT_OUTPUT_FAILED)
     click.echo(str(path))
 
 
