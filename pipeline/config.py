@@ -71,6 +71,7 @@ class ImagesConfig:
     keep_alpha: bool = False  # true: an image with transparent pixels goes out as PNG with its alpha kept
     max_image_bytes: int = 20 * 1024 * 1024  # the service's limit per image
     max_pixels: int = 100_000_000  # larger images are refused as decompression bombs
+    threads: int = 0  # images prepared at once; 0: one per CPU core this process may use
     # folders local images may be read from, relative ones to the manifest's folder; empty: that folder only
     allowed_roots: tuple[str, ...] = ()
     fetch_remote: bool = False  # download http(s) images and prepare them like local files; else pass the URL
@@ -262,6 +263,7 @@ def _check(cfg: RunConfig) -> None:
         "emulator.tokens_per_minute": cfg.emulator.tokens_per_minute,
         "emulator.requests_per_minute": cfg.emulator.requests_per_minute,
         "images.max_redirects": cfg.images.max_redirects,
+        "images.threads": cfg.images.threads,
     }
     for key, value in not_negative.items():
         if value < 0:

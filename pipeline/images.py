@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ctypes
 import io
+import os
 import re
 import stat
 import struct
@@ -37,6 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import pyvips
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from pipeline import tokens
@@ -52,6 +55,11 @@ except ImportError:  # pragma: no cover - requirements.lock installs pi-heif
         _heif_plugin = None  # type: ignore[assignment]
 if _heif_plugin is not None:
     _heif_plugin.register_heif_opener()
+
+# Images are shrunk one per worker thread and the pool runs one per core: libvips needs no threads of its
+# own, and nothing it computes is used twice, so its operation cache would only hold on to pixels.
+pyvips.concurrency_set(1)
+pyvips.cache_set_max(0)
 
 Image.init()  # registers every format plugin: Image.open(formats=...) only knows those already loaded
 
@@ -70,11 +78,11 @@ AVIF_BRANDS = frozenset({b"avif", b"avis"})
 SNIFF_BYTES = 64
 
 FLATTEN_ONTO_RGB = (255, 255, 255)  # transparent pixels become white, as most viewers show them
-# Bicubic, not Lanczos: a 12 Mpx photo takes ~49 ms of CPU instead of ~59 (bench/images_bench.py), and on
-# fine print the result is within 1 dB of Lanczos once JPEG-encoded (bilinear loses 7 dB there). The
-# service's own filter is not documented; the pixel count, which is what it bills, is the same either way.
-RESAMPLE_FILTER = Image.Resampling.BICUBIC
-RESIZE_REDUCING_GAP = 3.0  # Pillow: box-reduce by whole factors first when the image is 6× the target or more
+# Shrinking is libvips' Lanczos-3, whose vectorised kernels take 7 ms of CPU for a 2000×1500 draft of a
+# 12 Mpx photo where Pillow's bicubic takes 20 (Lanczos 29), and keep fine print 0.2 dB closer to a
+# full-resolution Lanczos than Pillow's bicubic does (bench/images_bench.py). The service's own filter is
+# not documented; the pixel count, which is what it bills, is the same whatever the filter.
+RESAMPLE_KERNEL = "lanczos3"
 PNG_COMPRESS_LEVEL = 3  # zlib-ng: smaller than level 6 on photos, in half the time; 9: 11× slower, 5 % less
 # 16-bit samples: Pillow opens 16-bit greyscale PNG and TIFF as I;16 (older Pillow as I)
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -85,8 +93,46 @@ ORIENTATIONS_SWAPPING_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the pi
 # warning for images between its own limit (~89 Mpx) and ours is noise in an unattended run.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
+# glibc's mallopt parameters (malloc.h) and the values reuse_freed_image_memory sets: blocks up to the
+# largest mmap threshold glibc accepts come from the heap, and up to 128 MB spare stays there.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MALLOC_MMAP_BYTES = 32 * 1024 * 1024
+MALLOC_TRIM_BYTES = 128 * 1024 * 1024
+
 _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _DATA_URL_HEAD_CHARS = 64  # how much of a malformed data URL's header a log line may show
+
+
+def reuse_freed_image_memory() -> None:
+    """Let glibc keep freed image buffers for the next image instead of handing them back to the kernel.
+
+    Preparing a 12 Mpx photo passes ~25 MB through buffers of 9 to 12 MB each (Pillow's blocks, the pixels
+    handed to libvips). glibc serves blocks that large with fresh mappings and unmaps them on free, so every
+    image faults its pages in again: ~10 ms of system time per photo, a fifth of its cost
+    (bench/images_bench.py). With these thresholds they come from the heap and stay there, at most
+    ``MALLOC_TRIM_BYTES`` spare per allocator arena (glibc keeps one per thread at most). Process-wide,
+    so the runner calls it, once; other C libraries have no ``mallopt`` and keep their own policy.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):  # macOS, Windows, musl without the symbol
+        return
+    mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_BYTES)
+    mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_BYTES)
+
+
+def image_threads(cfg: ImagesConfig) -> int:
+    """How many images to prepare at once: ``cfg.threads``, or one per CPU core this process may use.
+
+    Preparing is CPU-bound and releases the GIL (Pillow decodes and encodes, libvips shrinks), so threads
+    use every core; more threads than cores would only hold more decoded images in memory at once.
+    """
+    if cfg.threads:
+        return cfg.threads
+    try:
+        return len(os.sched_getaffinity(0))  # a container or taskset may allow fewer than os.cpu_count()
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def prepare_image(
@@ -259,7 +305,7 @@ def _prepare(
             ImageOps.exif_transpose(im, in_place=True)  # in place: no second full-size copy
             ready = _to_rgb(im, keep_alpha=cfg.keep_alpha)
             if ready.size != target:
-                ready = ready.resize(target, RESAMPLE_FILTER, reducing_gap=RESIZE_REDUCING_GAP)
+                ready = _shrink(ready, target)
             mime, encoded = _encode(ready, cfg)
     except FileNotFoundError:
         raise ImageError(row_id, "file not found", path=ref) from None
@@ -307,6 +353,20 @@ def _to_rgb(im: Image.Image, *, keep_alpha: bool) -> Image.Image:
         flat.paste(rgba, mask=alpha)
         return flat
     return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _shrink(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """`im` (RGB or RGBA) resampled down to exactly `size` by libvips; RGBA is shrunk premultiplied."""
+    bands = len(im.getbands())
+    vips = pyvips.Image.new_from_memory(im.tobytes(), im.width, im.height, bands, "uchar")
+    if bands == 4:  # transparent pixels must not bleed their hidden colour into the edges they touch
+        vips = vips.premultiply()
+    vips = vips.resize(size[0] / im.width, vscale=size[1] / im.height, kernel=RESAMPLE_KERNEL)
+    if bands == 4:
+        vips = vips.unpremultiply().cast("uchar")
+    shrunk = Image.frombytes(im.mode, (vips.width, vips.height), vips.write_to_memory())
+    assert shrunk.size == size, (shrunk.size, size)  # scale × side rounds back to the side asked for
+    return shrunk
 
 
 def _encode(im: Image.Image, cfg: ImagesConfig) -> tuple[str, bytes]:

@@ -19,6 +19,7 @@ import time
 from array import array
 from collections import Counter
 from collections.abc import AsyncIterator, Container, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -27,7 +28,7 @@ import aiohttp
 from pipeline import checkpoint
 from pipeline.client import Client, Outcome, build_body, endpoint_for, oversize_reason
 from pipeline.config import RunConfig, api_key
-from pipeline.images import prepare_image, prepare_image_bytes
+from pipeline.images import image_threads, prepare_image, prepare_image_bytes, reuse_freed_image_memory
 from pipeline.limits import Limits
 from pipeline.manifest import Skipped, count_rows, manifest_base_dir, read_manifest
 from pipeline.metrics import publish_metrics
@@ -174,7 +175,10 @@ async def _run_locked(cfg: RunConfig, options: RunOptions, key: str | None) -> R
         connector = aiohttp.TCPConnector(limit=cfg.limits.concurrency)
         session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
         client = Client(session, endpoint_for(cfg.endpoint, key), limits, cfg.limits, random.Random())
-        stages = _Stages(cfg, options, client, Sink(options.output, cfg.output, run_id), resume.skip)
+        reuse_freed_image_memory()
+        image_pool = ThreadPoolExecutor(image_threads(cfg.images), thread_name_prefix="images")
+        stack.callback(image_pool.shutdown, wait=True, cancel_futures=True)
+        stages = _Stages(cfg, options, client, Sink(options.output, cfg.output, run_id), resume.skip, image_pool)
         await stages.run()
     if resume.retrying and stages.stop_code != EXIT_OUTPUT_FAILED:
         superseded = await asyncio.to_thread(checkpoint.compact, options.output)
@@ -239,12 +243,19 @@ class _Stages:
     """One run's producer, workers and sink, and how they stop."""
 
     def __init__(
-        self, cfg: RunConfig, options: RunOptions, client: Client, sink: Sink, prior: Container[str]
+        self,
+        cfg: RunConfig,
+        options: RunOptions,
+        client: Client,
+        sink: Sink,
+        prior: Container[str],
+        image_pool: Executor,
     ) -> None:
         self.cfg = cfg
         self.options = options
         self.client = client
         self.sink = sink
+        self.image_pool = image_pool  # decodes and encodes images; the loop's default pool keeps to file I/O
         self.prior = prior  # ids committed by earlier runs; read by the manifest's thread, never changed
         self.taken: set[str] = set()  # ids taken up in this run, to tell duplicates from resumed rows
         self.price = _price_or_none(cfg)
@@ -395,7 +406,7 @@ class _Stages:
         started_at, started = time.time(), loop.time()
         estimated: int | None = None
         try:
-            images = await _prepare_images(task, self.base_dir, cfg)
+            images = await _prepare_images(task, self.base_dir, cfg, self.image_pool)
             body = build_body(task, images, cfg.request, self.model_in_body)
             sizes = [(i.width, i.height) if i.width and i.height else None for i in images]
             estimated = count_prompt_tokens(body["messages"], sizes, cfg.endpoint.model)
@@ -442,8 +453,10 @@ async def _stream_manifest(
             yield item
 
 
-async def _prepare_images(task: ImageTask, base_dir: Path, cfg: RunConfig) -> list[PreparedImage]:
-    """The row's images ready to send, each decoded and encoded in the loop's thread pool (Pillow blocks).
+async def _prepare_images(
+    task: ImageTask, base_dir: Path, cfg: RunConfig, pool: Executor
+) -> list[PreparedImage]:
+    """The row's images ready to send, each decoded and encoded in `pool` (Pillow and libvips block).
 
     With images.fetch_remote, http(s) images are downloaded first, one after another over a session of
     this row's, and prepared like local files; otherwise they pass through as URLs. Threads, not
@@ -464,7 +477,7 @@ async def _prepare_images(task: ImageTask, base_dir: Path, cfg: RunConfig) -> li
         return prepare_image(ref, base_dir=base_dir, detail=detail, cfg=images, row_id=row_id)
 
     loop = asyncio.get_running_loop()
-    jobs = [loop.run_in_executor(None, prepare, n, ref) for n, ref in enumerate(task.images)]
+    jobs = [loop.run_in_executor(pool, prepare, n, ref) for n, ref in enumerate(task.images)]
     return list(await asyncio.gather(*jobs))  # executor futures, not tasks: the images of a row in parallel
 
 
