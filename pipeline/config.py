@@ -71,6 +71,7 @@ class ImagesConfig:
     keep_alpha: bool = False  # true: an image with transparent pixels goes out as PNG with its alpha kept
     max_image_bytes: int = 20 * 1024 * 1024  # the service's limit per image
     max_pixels: int = 100_000_000  # larger images are refused as decompression bombs
+    extension_must_match: bool = True  # false: a local file whose extension names another format is sent
     threads: int = 0  # images prepared at once; 0: one per CPU core this process may use
     # folders local images may be read from, relative ones to the manifest's folder; empty: that folder only
     allowed_roots: tuple[str, ...] = ()

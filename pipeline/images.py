@@ -5,10 +5,13 @@ data URL of exactly the pixels the service looks at (``tokens.viewed_size``): sm
 bill. Remote http(s) URLs and data URLs pass through untouched. Everything here blocks on Pillow: call it
 from a thread, never from the event loop. Nothing here speaks HTTP (``remote.py`` downloads).
 
-Formats are sniffed from the bytes, never from the file name: JPEG (MPO counts as JPEG), PNG, WebP,
+Formats are sniffed from the bytes, never taken from the file name: JPEG (MPO counts as JPEG), PNG, WebP,
 GIF (its first frame), BMP, TIFF (its first page), AVIF (Pillow >= 11.3 reads it natively) and
 HEIC/HEIF when a HEIF plugin is installed (``pi-heif``, decode-only; ``pillow-heif`` works too). Without
-one, a HEIC file is refused with a reason that says what to install.
+one, a HEIC file is refused with a reason that says what to install. A local file whose extension names
+another format than its bytes (a PNG named .jpg: usually an export gone wrong upstream) is refused unless
+``images.extension_must_match = false``; downloads are not held to their URL's extension, as servers
+often answer a .jpg URL with WebP.
 
 Encoding: JPEG at ``images.jpeg_quality`` by default; ``images.encoding = "png"`` sends lossless PNG.
 Transparency: the service does not document how it composites alpha, so by default transparent pixels
@@ -36,7 +39,7 @@ import stat
 import struct
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 from urllib.parse import urlsplit
 
 import pyvips
@@ -69,6 +72,8 @@ _WANTED_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "GIF": "GIF", "
 SNIFFED_FORMATS = tuple(name for name in _WANTED_FORMATS if name in Image.OPEN)  # MPO opens as JPEG
 _NAMES = [_WANTED_FORMATS[name] for name in SNIFFED_FORMATS]
 SUPPORTED_NAMES = ", ".join(_NAMES[:-1]) + " or " + _NAMES[-1]
+# Pillow's names that are one format as far as a file's extension goes (AVIF is HEIF with AV1 inside)
+_FORMAT_FAMILY = {"MPO": "JPEG", "DIB": "BMP", "AVIF": "HEIF"}
 
 # ISO base media files (HEIF, AVIF) start with an ftyp box: size, "ftyp", major brand, version, brands.
 HEIF_BRANDS = frozenset(
@@ -209,7 +214,9 @@ def measure_image(ref: str, *, base_dir: Path, cfg: ImagesConfig, row_id: str) -
             row_id, f"{scheme}: URLs are not supported (use http(s), data: or a path)", path=shorten_url(ref)
         )
     path = _local_path(ref, base_dir=base_dir, allowed_roots=cfg.allowed_roots, row_id=row_id)
-    width, height = _header_size(path, ref=ref, row_id=row_id)
+    width, height, fmt = _header(path, ref=ref, row_id=row_id)
+    if cfg.extension_must_match:
+        _check_extension(ref, fmt, row_id=row_id)
     _check_pixels(width, height, cfg=cfg, ref=ref, row_id=row_id)
     return width, height
 
@@ -220,7 +227,8 @@ def measure_image_bytes(data: bytes, *, ref: str, row_id: str) -> tuple[int, int
     `ref` names the image in errors (pass the URL; it is shortened). Raises ImageError when the bytes are
     not a supported image or its size lies past them.
     """
-    return _header_size(io.BytesIO(data), ref=shorten_url(ref), row_id=row_id)
+    width, height, _ = _header(io.BytesIO(data), ref=shorten_url(ref), row_id=row_id)
+    return width, height
 
 
 def shorten_url(url: str) -> str:
@@ -294,6 +302,8 @@ def _prepare(
         source_bytes = source.getbuffer().nbytes if isinstance(source, io.BytesIO) else source.stat().st_size
         with Image.open(source, formats=SNIFFED_FORMATS) as im:
             stored_w, stored_h = im.size
+            if isinstance(source, Path) and cfg.extension_must_match:
+                _check_extension(ref, im.format or "", row_id=row_id)
             _check_pixels(stored_w, stored_h, cfg=cfg, ref=ref, row_id=row_id)
             turns = im.getexif().get(ExifTags.Base.Orientation) in ORIENTATIONS_SWAPPING_SIDES
             oriented_w, oriented_h = (stored_h, stored_w) if turns else (stored_w, stored_h)
@@ -418,7 +428,7 @@ def _measure_data_url(url: str, *, cfg: ImagesConfig, row_id: str) -> tuple[int,
             f"{len(data):,} bytes is more than images.max_image_bytes = {cfg.max_image_bytes:,}",
             path=short,
         )
-    width, height = _header_size(io.BytesIO(data), ref=short, row_id=row_id)
+    width, height, _ = _header(io.BytesIO(data), ref=short, row_id=row_id)
     _check_pixels(width, height, cfg=cfg, ref=short, row_id=row_id)
     return width, height, len(data)
 
@@ -438,16 +448,34 @@ def _decode_data_url(url: str, *, row_id: str) -> bytes:
     return data
 
 
-def _header_size(source: Path | io.BytesIO, *, ref: str, row_id: str) -> tuple[int, int]:
+def _header(source: Path | io.BytesIO, *, ref: str, row_id: str) -> tuple[int, int, str]:
+    """Width, height and Pillow's format name, from the image's header only."""
     try:
         with Image.open(source, formats=SNIFFED_FORMATS) as im:
-            return im.size
+            return im.width, im.height, im.format or ""
     except UnidentifiedImageError:
         raise ImageError(row_id, _unidentified_reason(_head(source)), path=ref) from None
     except Image.DecompressionBombError as err:
         raise ImageError(row_id, f"too many pixels to decode safely: {_one_line(err)}", path=ref) from None
     except OSError as err:
         raise ImageError(row_id, f"cannot read: {_one_line(err)}", path=ref) from None
+
+
+def _check_extension(ref: str, fmt: str, *, row_id: str) -> None:
+    """Refuse a file whose extension names another format than its bytes hold, such as a PNG named .jpg.
+
+    An extension Pillow does not know (or none) names nothing and passes; MPO counts as JPEG.
+    """
+    suffix = PurePath(ref).suffix
+    named = Image.registered_extensions().get(suffix.lower())
+    if named is None or _FORMAT_FAMILY.get(named, named) == _FORMAT_FAMILY.get(fmt, fmt):
+        return
+    raise ImageError(
+        row_id,
+        f"named {suffix} but the bytes are {_WANTED_FORMATS.get(fmt, fmt)}: rename the file, "
+        "or set images.extension_must_match = false to go by the bytes",
+        path=ref,
+    )
 
 
 def _check_pixels(width: int, height: int, *, cfg: ImagesConfig, ref: str, row_id: str) -> None:

@@ -170,12 +170,42 @@ def test_mpo_from_a_3d_camera_counts_as_jpeg(tmp_path):
     assert near(sent.getpixel((320, 240)), RED)
 
 
-def test_png_named_jpg_is_sniffed_from_its_bytes(tmp_path):
+def test_png_named_jpg_is_refused_naming_both_formats(tmp_path):
     Image.new("RGB", (100, 80), RED).save(tmp_path / "mislabelled.jpg", "PNG")
 
-    prepared = prepare(tmp_path, "mislabelled.jpg")
+    with pytest.raises(ImageError) as caught:
+        prepare(tmp_path, "mislabelled.jpg")
+
+    assert str(caught.value) == (
+        "row 'row-1': image 'mislabelled.jpg': named .jpg but the bytes are PNG: rename the file, "
+        "or set images.extension_must_match = false to go by the bytes"
+    )
+
+
+def test_png_named_jpg_is_sent_from_its_bytes_when_extensions_need_not_match(tmp_path):
+    Image.new("RGB", (100, 80), RED).save(tmp_path / "mislabelled.jpg", "PNG")
+    cfg = dataclasses.replace(CFG, extension_must_match=False)
+
+    prepared = prepare(tmp_path, "mislabelled.jpg", cfg=cfg)
 
     assert near(sent_image(prepared).getpixel((50, 40)), RED)
+
+
+@pytest.mark.parametrize(
+    ("name", "save_as"),
+    [("no_extension", "PNG"), ("photo.JPEG", "JPEG"), ("stereo.jpg", "MPO"), ("scan.tif", "TIFF"), ("x.data", "PNG")],
+)
+def test_an_extension_that_agrees_or_names_no_image_format_is_accepted(tmp_path, name, save_as):
+    Image.new("RGB", (100, 80), RED).save(tmp_path / name, save_as)
+
+    assert near(sent_image(prepare(tmp_path, name)).getpixel((50, 40)), RED)
+
+
+def test_the_estimate_refuses_a_png_named_jpg_in_the_same_words(tmp_path):
+    Image.new("RGB", (100, 80), RED).save(tmp_path / "mislabelled.jpg", "PNG")
+
+    with pytest.raises(ImageError, match="named .jpg but the bytes are PNG"):
+        measure_image("mislabelled.jpg", base_dir=tmp_path, cfg=CFG, row_id="row-1")
 
 
 def test_a_format_pillow_reads_but_the_service_does_not_is_refused(tmp_path):
@@ -608,7 +638,8 @@ async def test_each_bad_image_is_one_error_row_with_a_one_line_reason_and_the_re
     root.mkdir()
     Image.linear_gradient("L").resize((4000, 3000)).convert("RGB").save(root / "photo.jpg", quality=92)
     make_image(root / "small.png", (640, 480))
-    make_image(root / "mislabelled.jpg", (300, 200), fmt="PNG")  # sniffed from its bytes: a good row
+    make_image(root / "mislabelled.jpg", (300, 200), fmt="PNG")
+    make_image(root / "named-nothing", (300, 200), fmt="PNG")  # no extension: the bytes decide
     (root / "IMG_0001.HEIC").write_bytes(TINY_HEIC)
     Image.radial_gradient("L").resize((600, 600)).convert("RGB").save(root / "whole.jpg")
     (root / "truncated.jpg").write_bytes((root / "whole.jpg").read_bytes()[:3000])
@@ -621,6 +652,7 @@ async def test_each_bad_image_is_one_error_row_with_a_one_line_reason_and_the_re
         "photo": "photo.jpg",
         "small": "small.png",
         "mislabelled": "mislabelled.jpg",
+        "no-extension": "named-nothing",
         "heic": "IMG_0001.HEIC",
         "truncated": "truncated.jpg",
         "empty": "empty.jpg",
@@ -638,8 +670,9 @@ async def test_each_bad_image_is_one_error_row_with_a_one_line_reason_and_the_re
     summary = await run(cfg, RunOptions(root / "manifest.jsonl", tmp_path / "out", handle_signals=False))
 
     out = {row["id"]: row for row in ds.dataset(tmp_path / "out").to_table().to_pylist()}
-    good = {"photo", "small", "mislabelled", "heic"}
+    good = {"photo", "small", "no-extension", "heic"}
     reasons = {
+        "mislabelled": "named .jpg but the bytes are PNG",
         "truncated": "damaged or truncated image",
         "empty": "file is empty (0 bytes)",
         "bomb": "too many pixels to decode safely: Image size (900000000 pixels)",
