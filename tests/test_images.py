@@ -101,6 +101,47 @@ def test_large_exif_rotated_jpeg_is_drafted_and_still_upright_at_the_viewed_size
     assert near(sent.getpixel((740, 1000)), BLUE)
 
 
+@pytest.mark.parametrize("orientation", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("mode", ["RGB", "L"])  # read by libvips, and by Pillow
+def test_every_exif_orientation_comes_out_upright_from_either_reader(tmp_path, orientation, mode):
+    upright = Image.new("RGB", (400, 200), BLUE)
+    upright.paste(RED, (0, 0, 100, 50))
+    stored = {
+        1: upright,
+        2: upright.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+        3: upright.transpose(Image.Transpose.ROTATE_180),
+        4: upright.transpose(Image.Transpose.FLIP_TOP_BOTTOM),
+        5: upright.transpose(Image.Transpose.TRANSPOSE),
+        6: upright.transpose(Image.Transpose.ROTATE_90),
+        7: upright.transpose(Image.Transpose.TRANSVERSE),
+        8: upright.transpose(Image.Transpose.ROTATE_270),
+    }[orientation]
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    stored.convert(mode).save(tmp_path / "turned.jpg", exif=exif, quality=95)
+
+    sent = sent_image(prepare(tmp_path, "turned.jpg")).convert("L")
+
+    red, blue = Image.new("L", (1, 1)), Image.new("L", (1, 1))
+    red.putpixel((0, 0), Image.new("RGB", (1, 1), RED).convert("L").getpixel((0, 0)))
+    blue.putpixel((0, 0), Image.new("RGB", (1, 1), BLUE).convert("L").getpixel((0, 0)))
+    assert sent.size == (400, 200)
+    assert abs(sent.getpixel((10, 10)) - red.getpixel((0, 0))) <= 12
+    assert abs(sent.getpixel((390, 190)) - blue.getpixel((0, 0))) <= 12
+
+
+def test_no_metadata_goes_along_not_even_where_a_photo_was_taken(tmp_path):
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 1
+    exif[0x010F] = "PhoneMaker"  # Make
+    exif[0x8825] = {1: "N", 2: (52.0, 22.0, 0.0)}  # GPS latitude
+    Image.new("RGB", (3000, 2000), RED).save(tmp_path / "holiday.jpg", exif=exif, comment=b"secret")
+
+    sent = sent_image(prepare(tmp_path, "holiday.jpg"))
+
+    assert not sent.getexif() and "comment" not in sent.info and "icc_profile" not in sent.info
+
+
 def test_cmyk_jpeg_is_sent_as_rgb_with_its_colour(tmp_path):
     Image.new("CMYK", (300, 200), (0, 255, 255, 0)).save(tmp_path / "print.jpg")  # pure red in ink
 
@@ -371,6 +412,19 @@ def test_truncated_jpeg_is_a_row_error(tmp_path):
 
     assert caught.value.row_id == "row-1" and caught.value.path == "cut.jpg"
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])  # read by libvips, and by Pillow
+def test_jpeg_with_corrupt_data_is_a_row_error_not_a_smeared_picture(tmp_path, mode):
+    Image.radial_gradient("L").resize((600, 600)).convert(mode).save(tmp_path / "photo.jpg")
+    damaged = bytearray((tmp_path / "photo.jpg").read_bytes())
+    damaged[2000:2400] = b"\xff" * 400  # a run of marker bytes in the middle of the scan
+    (tmp_path / "damaged.jpg").write_bytes(bytes(damaged))
+
+    with pytest.raises(ImageError, match="damaged or truncated image") as caught:
+        prepare(tmp_path, "damaged.jpg")
+
+    assert "\n" not in str(caught.value) and str(tmp_path) not in str(caught.value)
 
 
 def test_zero_byte_file_is_a_row_error(tmp_path):
