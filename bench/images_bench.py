@@ -162,6 +162,7 @@ def end_to_end(paths: list[Path], work: Path, repeat: int, emulator_url: str | N
             "output": {"rows_per_part": 1000},
         },
         source="bench",
+        environ=os.environ,  # VISION_PIPELINE_IMAGES_THREADS=4 and the like apply, as they do to a run
     )
     rates, cpu_ms = [], []
     for n in range(repeat):

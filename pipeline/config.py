@@ -72,7 +72,7 @@ class ImagesConfig:
     max_image_bytes: int = 20 * 1024 * 1024  # the service's limit per image
     max_pixels: int = 100_000_000  # larger images are refused as decompression bombs
     extension_must_match: bool = True  # false: a local file whose extension names another format is sent
-    threads: int = 0  # images prepared at once; 0: one per CPU core this process may use
+    threads: int = 0  # images prepared at once; 0: one more than the CPU cores this process may use
     # folders local images may be read from, relative ones to the manifest's folder; empty: that folder only
     allowed_roots: tuple[str, ...] = ()
     fetch_remote: bool = False  # download http(s) images and prepare them like local files; else pass the URL

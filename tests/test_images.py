@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import io
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -19,7 +20,14 @@ from PIL import Image
 
 import pipeline.images
 from pipeline.config import ImagesConfig, config_from_mapping
-from pipeline.images import measure_image, prepare_image, prepare_image_bytes, read_image_size, shorten_url
+from pipeline.images import (
+    image_threads,
+    measure_image,
+    prepare_image,
+    prepare_image_bytes,
+    read_image_size,
+    shorten_url,
+)
 from pipeline.records import ConfigError, ImageError, PreparedImage
 from pipeline.runner import EXIT_ROW_ERRORS, RunOptions, run
 from pipeline.tokens import count_prompt_tokens, image_tokens, viewed_size
@@ -679,6 +687,16 @@ def test_shorten_url_keeps_the_brackets_of_an_ipv6_host():
 
 def test_shorten_url_leaves_local_paths_alone():
     assert shorten_url("photos/cat.jpg") == "photos/cat.jpg"
+
+
+def test_image_threads_are_as_configured_or_one_more_than_the_usable_cores():
+    assert image_threads(dataclasses.replace(CFG, threads=5)) == 5
+    assert image_threads(CFG) == len(os.sched_getaffinity(0)) + 1
+
+
+def test_a_negative_thread_count_is_refused_naming_the_setting():
+    with pytest.raises(ConfigError, match="images.threads = -1: must not be negative"):
+        config_from_mapping({"images": {"threads": -1}})
 
 
 # End to end: a run over good and bad images

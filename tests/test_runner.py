@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
 
 from conftest import KEY_ENV, TEST_KEY, azure_config, make_image, with_limits, write_csv
+import pipeline.runner
 from pipeline.emulator import FILTER_MARKER, FINISH_OBJECT_MARKER, Fault
+from pipeline.images import prepare_image
 from pipeline.runner import EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, EXIT_ROW_ERRORS, RunOptions, run
 from pipeline.sink import read_output
 
@@ -118,6 +121,24 @@ async def test_a_bad_image_is_an_error_row_while_the_rest_succeed(tmp_path, emul
     for row_id in ("broken", "missing"):
         assert out[row_id]["status"] == "error" and row_id in out[row_id]["error"]
     assert len(emulator.requests) == 1
+
+
+async def test_images_are_prepared_in_the_runs_image_threads_never_on_the_event_loop(
+    tmp_path, emulator, images_manifest, key_in_env, monkeypatch
+):
+    threads: list[str] = []
+
+    def prepare_and_note_the_thread(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return prepare_image(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.runner, "prepare_image", prepare_and_note_the_thread)
+    cfg = azure_config(emulator, images={"threads": 2})
+
+    summary = await run(cfg, RunOptions(images_manifest(6), tmp_path / "out", handle_signals=False))
+
+    assert summary.counts["ok"] == 6 and len(threads) == 6
+    assert all(name.startswith("images_") for name in threads) and len(set(threads)) <= 2
 
 
 async def test_duplicate_ids_keep_the_first_row_only(tmp_path, emulator, key_in_env):
