@@ -319,12 +319,14 @@ def _prepare(
             if isinstance(source, Path) and cfg.extension_must_match:
                 _check_extension(ref, im.format or "", row_id=row_id)
             _check_pixels(stored_w, stored_h, cfg=cfg, ref=ref, row_id=row_id)
-            turns = im.getexif().get(ExifTags.Base.Orientation) in ORIENTATIONS_SWAPPING_SIDES
+            orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+            turns = orientation in ORIENTATIONS_SWAPPING_SIDES
             oriented_w, oriented_h = (stored_h, stored_w) if turns else (stored_w, stored_h)
             target = tokens.viewed_size(oriented_w, oriented_h, detail)
             stored_target = (target[1], target[0]) if turns else target
             if im.format in ("JPEG", "MPO") and im.mode == "RGB":
-                pixels = _load_jpeg(source, shrink=_jpeg_shrink(im.size, stored_target))
+                jpeg = _load_jpeg(source, shrink=_jpeg_shrink(im.size, stored_target))
+                pixels = _upright(jpeg, orientation)
             else:
                 pixels = _from_pillow(im, stored_target, keep_alpha=cfg.keep_alpha)
         if (pixels.width, pixels.height) != target:
@@ -363,16 +365,30 @@ def _jpeg_shrink(size: tuple[int, int], target: tuple[int, int]) -> int:
 
 
 def _load_jpeg(source: Path | io.BytesIO, *, shrink: int) -> pyvips.Image:
-    """A JPEG file or buffer as libvips reads it: `shrink` times smaller and upright. Lazy: pixels are
+    """A JPEG file or buffer as libvips reads it, `shrink` times smaller, as stored. Lazy: pixels are
     decoded when the image is encoded, and a damaged file raises pyvips.Error then.
 
     It fails on libjpeg's warnings too: corrupt entropy data that Pillow refuses would otherwise decode
     to a grey smear that the service bills and describes.
     """
-    options = {"shrink": shrink, "autorotate": True, "access": "sequential", "fail_on": "warning"}
+    options = {"shrink": shrink, "access": "sequential", "fail_on": "warning"}
     if isinstance(source, io.BytesIO):
         return pyvips.Image.jpegload_buffer(source.getvalue(), **options)
     return pyvips.Image.jpegload(str(source), **options)
+
+
+def _upright(im: pyvips.Image, orientation: int) -> pyvips.Image:
+    """`im` turned and mirrored as EXIF `orientation` (1-8) says, the way Pillow's exif_transpose does.
+
+    Pillow read the orientation that sized the target, so libvips applies that one rather than its own
+    reading of the EXIF: the two can disagree on a damaged EXIF block, and the picture would be squashed.
+    """
+    turned = {3: "d180", 5: "d90", 6: "d90", 7: "d270", 8: "d270"}.get(orientation)
+    if turned is not None:
+        im = im.rot(turned)  # clockwise
+    if orientation in (2, 4, 5, 7):
+        im = im.flip("vertical" if orientation == 4 else "horizontal")
+    return im
 
 
 def _from_pillow(im: Image.Image, stored_target: tuple[int, int], *, keep_alpha: bool) -> pyvips.Image:
