@@ -70,6 +70,7 @@ class ImagesConfig:
     encoding: Literal["jpeg", "png"] = "jpeg"  # png: lossless, several times larger for photos
     keep_alpha: bool = False  # true: an image with transparent pixels goes out as PNG with its alpha kept
     max_image_bytes: int = 20 * 1024 * 1024  # the service's limit per image
+    max_request_bytes: int = 20 * 1024 * 1024  # the service's limit on a request: a row's data URLs together
     max_pixels: int = 100_000_000  # larger images are refused as decompression bombs
     extension_must_match: bool = True  # false: a local file whose extension names another format is sent
     threads: int = 0  # images prepared at once; 0: one more than the CPU cores this process may use
@@ -246,6 +247,7 @@ def _check(cfg: RunConfig) -> None:
         "output.rows_per_part": cfg.output.rows_per_part,
         "output.flush_seconds": cfg.output.flush_seconds,
         "images.max_image_bytes": cfg.images.max_image_bytes,
+        "images.max_request_bytes": cfg.images.max_request_bytes,
         "images.max_pixels": cfg.images.max_pixels,
         "images.max_remote_bytes": cfg.images.max_remote_bytes,
         "images.remote_timeout_s": cfg.images.remote_timeout_s,

@@ -48,7 +48,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from pipeline import tokens
 from pipeline.config import ImagesConfig
-from pipeline.records import Detail, ImageError, PreparedImage
+from pipeline.records import Detail, ImageError, PreparedImage, RowError
 
 try:  # decode-only HEIF support; optional so that a plain `pip install` still works without it
     import pi_heif as _heif_plugin
@@ -64,8 +64,9 @@ if _heif_plugin is not None:
 # own, and nothing it computes is used twice, so its operation cache would only hold on to pixels.
 pyvips.concurrency_set(1)
 pyvips.cache_set_max(0)
-# pyvips relays libvips' messages to logging, one INFO line per operation ("threadpool completed")
-logging.getLogger("pyvips").setLevel(logging.WARNING)
+# pyvips relays libvips' messages to logging: an INFO line per operation ("threadpool completed") and a
+# WARNING per tile of a damaged image, whose one-line reason is already the row's error
+logging.getLogger("pyvips").setLevel(logging.ERROR)
 
 Image.init()  # registers every format plugin: Image.open(formats=...) only knows those already loaded
 
@@ -200,6 +201,21 @@ def read_image_size(path: Path) -> tuple[int, int]:
             return im.size
     except Image.DecompressionBombError as err:
         raise OSError(f"{path}: {err}") from err
+
+
+def check_request_size(images: Sequence[PreparedImage], *, cfg: ImagesConfig, row_id: str) -> None:
+    """Raise RowError when a row's data URLs together exceed ``cfg.max_request_bytes``.
+
+    The service would refuse the request, and only after it had been uploaded. Ten images can each be
+    within ``cfg.max_image_bytes`` (lossless PNGs, data URLs from the manifest) and too large together.
+    """
+    total = sum(len(image.url) for image in images if image.url[:5].lower() == "data:")
+    if total > cfg.max_request_bytes:
+        raise RowError(
+            row_id,
+            f"{len(images)} images come to {total:,} bytes of data URLs, more than "
+            f"images.max_request_bytes = {cfg.max_request_bytes:,}",
+        )
 
 
 def measure_image(ref: str, *, base_dir: Path, cfg: ImagesConfig, row_id: str) -> tuple[int, int] | None:
@@ -371,7 +387,9 @@ def _load_jpeg(source: Path | io.BytesIO, *, shrink: int) -> pyvips.Image:
     It fails on libjpeg's warnings too: corrupt entropy data that Pillow refuses would otherwise decode
     to a grey smear that the service bills and describes.
     """
-    options = {"shrink": shrink, "access": "sequential", "fail_on": "warning"}
+    # Random access (the default): the image is decoded whole, so a turn or a flip can read it in any
+    # order; a sequential read fails with "out of order read" under rot180 and the vertical flip.
+    options = {"shrink": shrink, "fail_on": "warning"}
     if isinstance(source, io.BytesIO):
         return pyvips.Image.jpegload_buffer(source.getvalue(), **options)
     return pyvips.Image.jpegload(str(source), **options)

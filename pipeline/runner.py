@@ -28,7 +28,13 @@ import aiohttp
 from pipeline import checkpoint
 from pipeline.client import Client, Outcome, build_body, endpoint_for, oversize_reason
 from pipeline.config import RunConfig, api_key
-from pipeline.images import image_threads, prepare_image, prepare_image_bytes, reuse_freed_image_memory
+from pipeline.images import (
+    check_request_size,
+    image_threads,
+    prepare_image,
+    prepare_image_bytes,
+    reuse_freed_image_memory,
+)
 from pipeline.limits import Limits
 from pipeline.manifest import Skipped, count_rows, manifest_base_dir, read_manifest
 from pipeline.metrics import publish_metrics
@@ -460,8 +466,9 @@ async def _prepare_images(
 
     With images.fetch_remote, http(s) images are downloaded first, one after another over a session of
     this row's, and prepared like local files; otherwise they pass through as URLs. Threads, not
-    processes: Pillow releases the GIL while it decodes, resizes and encodes, and a process pool was
-    slower on 2 cores (bench/images_bench.py). Raises ImageError for the first image that fails.
+    processes: libvips and Pillow's decoders release the GIL, and a process pool prepared no more photos
+    per second on 2 cores while it would copy every data URL back (bench/images_bench.py). Raises
+    ImageError for the first image that fails, RowError when the images are too large together.
     """
     images, row_id, detail = cfg.images, task.row_id, task.detail
     downloads: dict[int, bytes] = {}
@@ -478,7 +485,9 @@ async def _prepare_images(
 
     loop = asyncio.get_running_loop()
     jobs = [loop.run_in_executor(pool, prepare, n, ref) for n, ref in enumerate(task.images)]
-    return list(await asyncio.gather(*jobs))  # executor futures, not tasks: the images of a row in parallel
+    prepared = await asyncio.gather(*jobs)  # executor futures, not tasks: the images of a row in parallel
+    check_request_size(prepared, cfg=images, row_id=row_id)
+    return prepared
 
 
 def _answered(

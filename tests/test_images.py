@@ -111,9 +111,11 @@ def test_large_exif_rotated_jpeg_is_drafted_and_still_upright_at_the_viewed_size
 
 @pytest.mark.parametrize("orientation", [1, 2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("mode", ["RGB", "L"])  # read by libvips, and by Pillow
-def test_every_exif_orientation_comes_out_upright_from_either_reader(tmp_path, orientation, mode):
-    upright = Image.new("RGB", (400, 200), BLUE)
-    upright.paste(RED, (0, 0, 100, 50))
+@pytest.mark.parametrize("size", [(400, 200), (1600, 800)])  # sent as it is; shrunk to 1536×768
+def test_every_exif_orientation_comes_out_upright_from_either_reader(tmp_path, orientation, mode, size):
+    width, height = size
+    upright = Image.new("RGB", size, BLUE)
+    upright.paste(RED, (0, 0, width // 4, height // 4))
     stored = {
         1: upright,
         2: upright.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
@@ -133,9 +135,9 @@ def test_every_exif_orientation_comes_out_upright_from_either_reader(tmp_path, o
     red, blue = Image.new("L", (1, 1)), Image.new("L", (1, 1))
     red.putpixel((0, 0), Image.new("RGB", (1, 1), RED).convert("L").getpixel((0, 0)))
     blue.putpixel((0, 0), Image.new("RGB", (1, 1), BLUE).convert("L").getpixel((0, 0)))
-    assert sent.size == (400, 200)
+    assert sent.size == viewed_size(width, height, "high")
     assert abs(sent.getpixel((10, 10)) - red.getpixel((0, 0))) <= 12
-    assert abs(sent.getpixel((390, 190)) - blue.getpixel((0, 0))) <= 12
+    assert abs(sent.getpixel((sent.width - 10, sent.height - 10)) - blue.getpixel((0, 0))) <= 12
 
 
 def test_no_metadata_goes_along_not_even_where_a_photo_was_taken(tmp_path):
@@ -736,8 +738,11 @@ async def test_each_bad_image_is_one_error_row_with_a_one_line_reason_and_the_re
     }
     lines = [json.dumps({"id": row_id, "image": ref, "detail": "high"}) for row_id, ref in rows.items()]
     lines.append(json.dumps({"id": "eleven", "images": ["small.png"] * 11}))
+    lines.append(json.dumps({"id": "too-much-together", "images": ["noise.png"] * 3, "detail": "low"}))
     (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
-    cfg = azure_config(emulator, images={"max_image_bytes": 200_000, "max_pixels": 20_000_000})
+    # a low-detail noise.png is a ~150 kB data URL: one fits a request of 400 kB, three do not
+    limits = {"max_image_bytes": 200_000, "max_request_bytes": 400_000, "max_pixels": 20_000_000}
+    cfg = azure_config(emulator, images=limits)
 
     summary = await run(cfg, RunOptions(root / "manifest.jsonl", tmp_path / "out", handle_signals=False))
 
@@ -753,6 +758,7 @@ async def test_each_bad_image_is_one_error_row_with_a_one_line_reason_and_the_re
         "file-url": "file: URLs are not supported",
         "escape": "outside the manifest's folder",
         "eleven": "11 images: the service takes at most 10 per request",
+        "too-much-together": "3 images come to",
     }
     assert summary.exit_code == EXIT_ROW_ERRORS and len(out) == len(good) + len(reasons)
     assert {row_id for row_id, row in out.items() if row["status"] == "ok"} == good
