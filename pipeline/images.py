@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import ctypes
 import io
 import logging
@@ -41,6 +42,7 @@ import struct
 import warnings
 from collections.abc import Sequence
 from pathlib import Path, PurePath
+from typing import BinaryIO
 from urllib.parse import urlsplit
 
 import pyvips
@@ -326,28 +328,26 @@ def _prepare(
     phones write, is then decoded by libvips, which shrinks by DCT scaling as it reads and then rotates,
     resamples and encodes without holding the GIL; anything else is decoded and made RGB by Pillow and
     handed over. Pillow's own JPEG decoder and encoder hold the GIL for part of their work, which kept two
-    threads from two cores: 51 images/s instead of 56 (bench/images_bench.py).
+    threads from two cores: 51 images/s instead of 56 (bench/images_bench.py). The file is opened once:
+    both read the same bytes, whatever happens to its name meanwhile.
     """
     try:
-        source_bytes = source.getbuffer().nbytes if isinstance(source, io.BytesIO) else source.stat().st_size
-        with Image.open(source, formats=SNIFFED_FORMATS) as im:
+        with _opened(source) as fp, Image.open(fp, formats=SNIFFED_FORMATS) as im:
+            source_bytes = os.fstat(fp.fileno()).st_size if isinstance(source, Path) else len(source.getbuffer())
             stored_w, stored_h = im.size
             if isinstance(source, Path) and cfg.extension_must_match:
                 _check_extension(ref, im.format or "", row_id=row_id)
             _check_pixels(stored_w, stored_h, cfg=cfg, ref=ref, row_id=row_id)
             orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
             turns = orientation in ORIENTATIONS_SWAPPING_SIDES
-            oriented_w, oriented_h = (stored_h, stored_w) if turns else (stored_w, stored_h)
-            target = tokens.viewed_size(oriented_w, oriented_h, detail)
+            target = tokens.viewed_size(*((stored_h, stored_w) if turns else (stored_w, stored_h)), detail)
             stored_target = (target[1], target[0]) if turns else target
+            done = None
             if im.format in ("JPEG", "MPO") and im.mode == "RGB":
-                jpeg = _load_jpeg(source, shrink=_jpeg_shrink(im.size, stored_target))
-                pixels = _upright(jpeg, orientation)
-            else:
-                pixels = _from_pillow(im, stored_target, keep_alpha=cfg.keep_alpha)
-        if (pixels.width, pixels.height) != target:
-            pixels = _shrink(pixels, target)
-        mime, encoded = _encode(pixels, cfg)
+                done = _jpeg_by_libvips(fp, im.size, stored_target, orientation, target, cfg)
+            if done is None:
+                done = _finish(_from_pillow(im, stored_target, keep_alpha=cfg.keep_alpha), target, cfg)
+            mime, encoded = done
     except FileNotFoundError:
         raise ImageError(row_id, "file not found", path=ref) from None
     except PermissionError as err:
@@ -356,8 +356,11 @@ def _prepare(
         raise ImageError(row_id, _unidentified_reason(_head(source)), path=ref) from None
     except Image.DecompressionBombError as err:
         raise ImageError(row_id, f"too many pixels to decode safely: {_one_line(err)}", path=ref) from None
-    except (OSError, ValueError, EOFError, SyntaxError, struct.error, pyvips.Error) as err:  # decoders on bad data
-        raise ImageError(row_id, f"damaged or truncated image: {_vips_or_pillow_reason(err)}", path=ref) from None
+    except (OSError, ValueError, EOFError, SyntaxError, struct.error) as err:  # Pillow's decoders on bad data
+        raise ImageError(row_id, f"damaged or truncated image: {_one_line(err)}", path=ref) from None
+    except pyvips.Error as err:  # decoded pixels that libvips could not shrink or encode: not expected
+        reason = " ".join(err.message.split())  # not .detail: libvips' process-wide buffer, other rows' text
+        raise ImageError(row_id, f"could not shrink or encode the image: {reason}", path=ref) from None
     if len(encoded) > cfg.max_image_bytes:
         kind = mime.removeprefix("image/").upper()
         raise ImageError(
@@ -374,25 +377,48 @@ def _prepare(
     )
 
 
+def _opened(source: Path | io.BytesIO) -> contextlib.AbstractContextManager[BinaryIO]:
+    return open(source, "rb") if isinstance(source, Path) else contextlib.nullcontext(source)
+
+
 def _jpeg_shrink(size: tuple[int, int], target: tuple[int, int]) -> int:
     """The largest DCT scaling (1/1, 1/2, 1/4 or 1/8) that still leaves `size` at least `target`."""
     ratio = min(size[0] // target[0], size[1] // target[1])
     return max(shrink for shrink in JPEG_SHRINKS if shrink <= max(ratio, 1))
 
 
-def _load_jpeg(source: Path | io.BytesIO, *, shrink: int) -> pyvips.Image:
-    """A JPEG file or buffer as libvips reads it, `shrink` times smaller, as stored. Lazy: pixels are
-    decoded when the image is encoded, and a damaged file raises pyvips.Error then.
+def _jpeg_by_libvips(
+    fp: BinaryIO,
+    stored_size: tuple[int, int],
+    stored_target: tuple[int, int],
+    orientation: int,
+    target: tuple[int, int],
+    cfg: ImagesConfig,
+) -> tuple[str, bytes] | None:
+    """The JPEG in `fp` decoded (DCT-scaled towards `stored_target`), turned upright, shrunk to `target`
+    and encoded by libvips: its MIME type and bytes, or None when libvips refuses it.
 
-    It fails on libjpeg's warnings too: corrupt entropy data that Pillow refuses would otherwise decode
-    to a grey smear that the service bills and describes.
+    libvips is told to fail on libjpeg's warnings, so that corrupt scan data never decodes to a grey
+    smear that the service bills and describes. Some warnings are only glitches in the headers, which
+    Pillow reads past, and libvips' error text is one buffer for the whole process that other threads
+    overwrite. So a refusal here sends the image on to Pillow, whose decoder decides and says why.
+    Random access (the default): the image is decoded whole, so a turn or flip may read it in any order.
     """
-    # Random access (the default): the image is decoded whole, so a turn or a flip can read it in any
-    # order; a sequential read fails with "out of order read" under rot180 and the vertical flip.
-    options = {"shrink": shrink, "fail_on": "warning"}
-    if isinstance(source, io.BytesIO):
-        return pyvips.Image.jpegload_buffer(source.getvalue(), **options)
-    return pyvips.Image.jpegload(str(source), **options)
+    fp.seek(0)
+    try:
+        jpeg = pyvips.Image.jpegload_buffer(
+            fp.read(), shrink=_jpeg_shrink(stored_size, stored_target), fail_on="warning"
+        )
+        return _finish(_upright(jpeg, orientation), target, cfg)
+    except pyvips.Error:
+        return None
+
+
+def _finish(pixels: pyvips.Image, target: tuple[int, int], cfg: ImagesConfig) -> tuple[str, bytes]:
+    """Upright RGB or RGBA pixels shrunk to `target` and encoded: their MIME type and bytes."""
+    if (pixels.width, pixels.height) != target:
+        pixels = _shrink(pixels, target)
+    return _encode(pixels, cfg)
 
 
 def _upright(im: pyvips.Image, orientation: int) -> pyvips.Image:
@@ -567,13 +593,6 @@ def _human_bytes(n: int) -> str:
     if n < 1_000_000:
         return f"{n / 1000:.0f} kB"
     return f"{n / 1_000_000:.1f} MB"
-
-
-def _vips_or_pillow_reason(err: BaseException) -> str:
-    """The first line that says what is wrong: libvips' message follows its own summary line."""
-    if isinstance(err, pyvips.Error):
-        return _one_line(RuntimeError(err.detail or err.message))
-    return _one_line(err)
 
 
 def _one_line(err: BaseException) -> str:

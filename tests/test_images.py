@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import dataclasses
 import io
 import json
@@ -435,6 +436,49 @@ def test_jpeg_with_corrupt_data_is_a_row_error_not_a_smeared_picture(tmp_path, m
         prepare(tmp_path, "damaged.jpg")
 
     assert "\n" not in str(caught.value) and str(tmp_path) not in str(caught.value)
+
+
+def test_a_jpeg_with_padding_between_its_headers_is_read_as_pillow_reads_it(tmp_path):
+    """libjpeg warns of "extraneous bytes before marker"; the picture itself is whole."""
+    Image.new("RGB", (1200, 900), RED).save(tmp_path / "photo.jpg")
+    whole = (tmp_path / "photo.jpg").read_bytes()
+    tables = whole.index(b"\xff\xdb")
+    (tmp_path / "padded.jpg").write_bytes(whole[:tables] + b"\0\0\0" + whole[tables:])
+
+    sent = sent_image(prepare(tmp_path, "padded.jpg"))
+
+    assert sent.size == (1024, 768) and near(sent.getpixel((512, 384)), RED)
+
+
+def test_reasons_for_damaged_images_are_the_same_when_prepared_in_parallel(tmp_path):
+    Image.radial_gradient("L").resize((1200, 900)).convert("RGB").save(tmp_path / "whole.jpg")
+    whole = (tmp_path / "whole.jpg").read_bytes()
+    for n in range(8):
+        (tmp_path / f"cut-{n}.jpg").write_bytes(whole[: len(whole) * (n + 1) // 10])
+        (tmp_path / f"fine-{n}.jpg").write_bytes(whole)
+    names = [f"{kind}-{n}.jpg" for n in range(8) for kind in ("cut", "fine")] * 4
+
+    def outcome(name: str) -> str:
+        try:
+            return f"{prepare(tmp_path, name).width}"
+        except ImageError as err:
+            return str(err)
+
+    alone = [outcome(name) for name in names]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(outcome, names))
+
+    assert together == alone
+    assert all("truncated" in reason for name, reason in zip(names, alone, strict=True) if name.startswith("cut"))
+
+
+def test_a_file_name_that_is_not_utf8_is_read_all_the_same(tmp_path):
+    name = os.fsdecode(b"caf\xe9.jpg")  # Latin-1 bytes on a UTF-8 file system
+    Image.new("RGB", (1200, 900), RED).save(tmp_path / name)
+
+    prepared = prepare(tmp_path, name)
+
+    assert (prepared.width, prepared.height) == (1024, 768)
 
 
 def test_zero_byte_file_is_a_row_error(tmp_path):
