@@ -254,12 +254,28 @@ def _read_folder(
                 continue
             line += 1
             ref = (Path(folder) / name).relative_to(root).as_posix()
+            if not _is_utf8(ref):  # the id goes to Parquet, which holds UTF-8 text only
+                shown = os.fsencode(ref).decode("utf-8", "backslashreplace")  # caf\xe9.jpg
+                if shown in skip:
+                    yield Skipped(shown, line)
+                else:
+                    yield ManifestError(shown, "the file name is not UTF-8: rename it", file=str(root), line=line)
+                continue
             if ref in skip:
                 yield Skipped(ref, line)
                 continue
             yield ImageTask(
                 row_id=ref, images=(ref,), prompt=request.prompt, detail=request.detail, line=line
             )
+
+
+def _is_utf8(name: str) -> bool:
+    """False for a name with bytes that are not UTF-8 (os.walk hands them over as lone surrogates)."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _raise_unlistable(err: OSError) -> None:

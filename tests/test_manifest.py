@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import RequestConfig
-from pipeline.manifest import MAX_IMAGES_PER_REQUEST, count_rows, manifest_base_dir, read_manifest
+from pipeline.manifest import MAX_IMAGES_PER_REQUEST, Skipped, count_rows, manifest_base_dir, read_manifest
 from pipeline.records import ConfigError, ImageTask, ManifestError
 
 REQUEST = RequestConfig(prompt="Describe this image.", detail="auto")
@@ -318,6 +319,18 @@ def test_folder_mode_yields_every_image_with_its_relative_path_as_id(tmp_path):
     assert [t.row_id for t in tasks] == ["a.PNG", "b.jpg", "sub/z.webp", "sub/deeper/y.tif"]
     assert all(t.images == (t.row_id,) and t.prompt == REQUEST.prompt for t in tasks)
     assert [t.line for t in tasks] == [1, 2, 3, 4]
+
+
+def test_a_file_name_that_is_not_utf8_is_an_error_row_and_the_folder_goes_on(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / os.fsdecode(b"caf\xe9.jpg")).write_bytes(b"x")  # Latin-1 bytes on a UTF-8 file system
+    (tmp_path / "z.jpg").write_bytes(b"x")
+
+    items = read_all(tmp_path)
+
+    assert [item.row_id for item in items] == ["a.jpg", "caf\\xe9.jpg", "z.jpg"]
+    assert isinstance(items[1], ManifestError) and "the file name is not UTF-8: rename it" in str(items[1])
+    assert list(read_manifest(tmp_path, REQUEST, skip={"caf\\xe9.jpg"}))[1] == Skipped("caf\\xe9.jpg", 2)
 
 
 # The manifest as a whole
