@@ -100,10 +100,13 @@ PNG_COMPRESS_LEVEL = 3  # zlib-ng: smaller than level 6 on photos, in half the t
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 ORIENTATIONS_SWAPPING_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the picture a quarter
+IN_ORDER_ORIENTATIONS = (1, 2)  # upright, or mirrored left to right: turned upright line by line
 
 # Anything of more than images.max_pixels is refused from its header, before decoding, so Pillow's
 # warning for images between its own limit (~89 Mpx) and ours is noise in an unattended run.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+log = logging.getLogger(__name__)
 
 # glibc's mallopt parameters (malloc.h) and the values reuse_freed_image_memory sets: blocks up to the
 # largest mmap threshold glibc accepts come from the heap, and up to 128 MB spare stays there.
@@ -402,15 +405,19 @@ def _jpeg_by_libvips(
     smear that the service bills and describes. Some warnings are only glitches in the headers, which
     Pillow reads past, and libvips' error text is one buffer for the whole process that other threads
     overwrite. So a refusal here sends the image on to Pillow, whose decoder decides and says why.
-    Random access (the default): the image is decoded whole, so a turn or flip may read it in any order.
+
+    An image that needs no turn and no upside-down flip is read line by line as it is shrunk (1 ms a
+    photo less); any other is decoded whole first, as libvips reads it out of order to turn it.
     """
     fp.seek(0)
+    access = "sequential" if orientation in IN_ORDER_ORIENTATIONS else "random"
     try:
         jpeg = pyvips.Image.jpegload_buffer(
-            fp.read(), shrink=_jpeg_shrink(stored_size, stored_target), fail_on="warning"
+            fp.read(), shrink=_jpeg_shrink(stored_size, stored_target), access=access, fail_on="warning"
         )
         return _finish(_upright(jpeg, orientation), target, cfg)
     except pyvips.Error:
+        log.debug("libvips refused a JPEG; Pillow reads it instead")
         return None
 
 

@@ -141,6 +141,22 @@ def test_every_exif_orientation_comes_out_upright_from_either_reader(tmp_path, o
     assert abs(sent.getpixel((sent.width - 10, sent.height - 10)) - blue.getpixel((0, 0))) <= 12
 
 
+@pytest.mark.parametrize("orientation", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_libvips_itself_prepares_a_plain_colour_jpeg_in_every_orientation(orientation):
+    """Pillow would step in if libvips refused, more slowly: this keeps the fast path from going quiet."""
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    buffer = io.BytesIO()
+    Image.effect_noise((1600, 800), 60).convert("RGB").save(buffer, "JPEG", exif=exif)
+    turns = orientation >= 5
+    target = viewed_size(*((800, 1600) if turns else (1600, 800)), "high")
+    stored_target = (target[1], target[0]) if turns else target
+
+    done = pipeline.images._jpeg_by_libvips(buffer, (1600, 800), stored_target, orientation, target, CFG)
+
+    assert done is not None and Image.open(io.BytesIO(done[1])).size == target
+
+
 def test_no_metadata_goes_along_not_even_where_a_photo_was_taken(tmp_path):
     exif = Image.Exif()
     exif[EXIF_ORIENTATION] = 1
