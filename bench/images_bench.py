@@ -8,10 +8,11 @@ median of `--repeat` runs, after one untimed pass that puts the files in the pag
 
 - bytes per image: the file, and what ``images.prepare_image`` sends at low and at high detail (the JPEG
   and the data URL that carries it), with the share of the original;
-- images prepared per second at high and at low detail: in one thread, in a thread pool of 2 and of the
-  loop's default size (what ``asyncio.to_thread`` uses), and in a process pool of 2 (forkserver, started
-  and warmed before timing, so its start-up cost is not counted against it), taking turns; with the CPU
-  time per image of the in-process ones, which the machine's other load does not change;
+- images prepared per second at high and at low detail: in one thread; in thread pools of one thread
+  per core, of the run's size (``images.image_threads``: one more) and of the loop's default size (what
+  ``asyncio.to_thread`` uses); and in a process pool of one process per core (forkserver, started and
+  warmed before timing, so its start-up cost is not counted against it), taking turns; with the CPU time
+  per image of the in-process ones, which the machine's other load does not change;
 - end to end: ``pipeline.runner.run`` over a manifest of the photos at detail high against the emulator
   with no latency, concurrency 16, tokens_per_minute 10^9: rows per second over the run's duration, with
   the emulator inside the run's process and then in a process of its own (as a remote service would be,
@@ -48,7 +49,7 @@ from pathlib import Path
 from PIL import Image, ImageFilter
 
 from pipeline.config import ImagesConfig, config_from_mapping
-from pipeline.images import prepare_image, reuse_freed_image_memory
+from pipeline.images import image_threads, prepare_image, reuse_freed_image_memory
 from pipeline.records import PreparedImage
 from pipeline.runner import RunOptions, run
 
@@ -250,25 +251,30 @@ def main() -> int:
         print(f"  sent at {detail:<4} {size:>9}  {sent / 1e3:8.1f} kB  (data URL {url / 1e3:.1f} kB, "
               f"{sent / source:.1%} of the original)")  # fmt: skip
 
+    runner_threads = image_threads(CFG)  # what runner.run prepares images with
     default_threads = min(32, cores + 4)  # ThreadPoolExecutor's default, as asyncio.to_thread uses it
     print(f"\nimages prepared per second (median of {args.repeat}, the pools taking turns)")
     forkserver = multiprocessing.get_context("forkserver")  # a fork of a threaded process can deadlock
     with (
-        concurrent.futures.ThreadPoolExecutor(2) as threads_2,
+        concurrent.futures.ThreadPoolExecutor(cores) as threads_cores,
+        concurrent.futures.ThreadPoolExecutor(runner_threads) as threads_runner,
         concurrent.futures.ThreadPoolExecutor(default_threads) as threads_default,
-        concurrent.futures.ProcessPoolExecutor(2, mp_context=forkserver, initializer=reuse_freed_image_memory) as processes_2,
+        concurrent.futures.ProcessPoolExecutor(
+            cores, mp_context=forkserver, initializer=reuse_freed_image_memory
+        ) as processes,
     ):
-        list(processes_2.map(prepare, paths[:4], ["low"] * 4))  # start and warm both workers
+        list(processes.map(prepare, paths[:4], ["low"] * 4))  # start and warm the workers
         pools: list[tuple[str, concurrent.futures.Executor | None]] = [
             ("1 thread", None),
-            ("thread pool of 2", threads_2),
+            (f"thread pool of {cores} (one per core)", threads_cores),
+            (f"thread pool of {runner_threads} (the run's: cores + 1)", threads_runner),
             (f"thread pool of {default_threads} (asyncio's default)", threads_default),
-            ("process pool of 2", processes_2),
+            (f"process pool of {cores}", processes),
         ]
         for detail in ("high", "low"):
             for name, (rate, cpu_ms) in rates_of(pools, paths, detail, args.repeat).items():
                 cpu = "" if cpu_ms is None else f"  ({cpu_ms:.1f} ms CPU per image)"
-                print(f"  {detail:<4} {name:<38} {rate:7.1f} images/s{cpu}", flush=True)
+                print(f"  {detail:<4} {name:<40} {rate:7.1f} images/s{cpu}", flush=True)
 
     print_end_to_end(paths, args.work, args.repeat, cores)
     print(f"at the end: {describe_machine(cores)}")

@@ -17,7 +17,7 @@ from typing import Any
 from pipeline import checkpoint
 from pipeline.client import build_body, endpoint_for
 from pipeline.config import RunConfig
-from pipeline.images import prepare_image, shorten_url
+from pipeline.images import check_request_size, prepare_image, shorten_url
 from pipeline.manifest import manifest_base_dir, read_manifest
 from pipeline.records import ManifestError, RowError
 from pipeline.tokens import count_prompt_tokens
@@ -105,6 +105,7 @@ def preview_first_request(
                 prepare_image(ref, base_dir=base_dir, detail=item.detail, cfg=cfg.images, row_id=item.row_id)
                 for ref in item.images
             ]
+            check_request_size(images, cfg=cfg.images, row_id=item.row_id)
         except RowError as err:
             failing, first_failure = failing + 1, first_failure or str(err)
             continue
