@@ -2,8 +2,10 @@
 
 A local image (or, with ``images.fetch_remote``, a downloaded one: ``prepare_image_bytes``) is sent as a
 data URL of exactly the pixels the service looks at (``tokens.viewed_size``): smaller requests, the same
-bill. Remote http(s) URLs and data URLs pass through untouched. Everything here blocks on Pillow: call it
-from a thread, never from the event loop. Nothing here speaks HTTP (``remote.py`` downloads).
+bill. Remote http(s) URLs and data URLs pass through untouched. Pillow reads headers and the formats
+libvips is not given; libvips (pyvips) reads plain colour JPEGs, and shrinks and encodes every image.
+Everything here blocks: call it from a thread, never from the event loop (the runner keeps a pool of
+``image_threads``). Nothing here speaks HTTP (``remote.py`` downloads).
 
 Formats are sniffed from the bytes, never taken from the file name: JPEG (MPO counts as JPEG), PNG, WebP,
 GIF (its first frame), BMP, TIFF (its first page), AVIF (Pillow >= 11.3 reads it natively) and
@@ -14,6 +16,8 @@ another format than its bytes (a PNG named .jpg: usually an export gone wrong up
 often answer a .jpg URL with WebP.
 
 Encoding: JPEG at ``images.jpeg_quality`` by default; ``images.encoding = "png"`` sends lossless PNG.
+No metadata goes along (EXIF, GPS, comments, colour profiles): an embedded ICC profile is not applied
+either, so the pixels go out as stored (converting with lcms would cost ~7 ms a photo).
 Transparency: the service does not document how it composites alpha, so by default transparent pixels
 are flattened onto white, as viewers show them, and the model sees what a person sees. With
 ``images.keep_alpha = true`` an image that has transparent pixels goes out as an RGBA PNG whatever the
