@@ -228,7 +228,9 @@ def emulator_command(
         requests_per_minute=rpm,
         seed=seed,
     )
-    emulator = Emulator(cfg, api_key=api_key, deployment=deployment, model=model, request_log=request_log)
+    emulator = Emulator(
+        cfg, api_key=api_key, deployment=deployment, model=model, request_log=request_log, keep_requests=False
+    )
     try:
         asyncio.run(serve_forever(emulator, host, port))
     except KeyboardInterrupt:

@@ -238,7 +238,7 @@ async def _start_emulator(cfg: RunConfig, key: str | None, stack: contextlib.Asy
 
     deployment = cfg.endpoint.deployment or "gpt-4-vision"
     emulator = await stack.enter_async_context(
-        Emulator(cfg.emulator, api_key=key or "", deployment=deployment, model=cfg.endpoint.model)
+        Emulator(cfg.emulator, api_key=key or "", deployment=deployment, model=cfg.endpoint.model, keep_requests=False)
     )
     log.info("emulator listening on %s", emulator.url)
     endpoint = dataclasses.replace(cfg.endpoint, url=emulator.url, deployment=deployment)

@@ -544,6 +544,14 @@ async def test_received_requests_redact_the_key_and_drop_bodies_when_asked(sessi
     assert azure.body is None and (azure.prompt_text, openai.prompt_text) == ("row-3", "row-4")
 
 
+async def test_a_long_lived_emulator_keeps_counters_but_no_requests(session):
+    async with Emulator(keep_requests=False) as emu:
+        for n in range(3):
+            await post_azure(session, emu, chat_body(prompt=f"row-{n}"))
+
+    assert emu.requests == [] and emu.stats.requests == 3 and emu.stats.by_status == {200: 3}
+
+
 async def test_stats_count_requests_by_status_and_the_tokens_served(emu, session):
     await post_azure(session, emu, chat_body(), key="wrong")
 

@@ -156,9 +156,14 @@ class Emulator:
         deployment: str = "gpt-4-vision",
         model: str = "gpt-4-turbo",
         request_log: str | Path | None = None,
+        keep_requests: bool = True,
         keep_bodies: bool = True,
     ) -> None:
         self.cfg, self.api_key, self.deployment, self.model = cfg, api_key, deployment, model
+        # Tests and benchmarks read every request back from .requests; a server that runs for hours or
+        # serves a whole run passes keep_requests=False and keeps the counters only (a high-detail
+        # body is ~160 kB: a million of them would not fit in memory).
+        self.keep_requests = keep_requests
         self.keep_bodies = keep_bodies
         self.url = ""
         self.requests: list[ReceivedRequest] = []
@@ -293,7 +298,8 @@ class Emulator:
         kept_body = body if self.keep_bodies and body is not NOT_JSON else None
         seen = ReceivedRequest(at, route, headers, kept_body, user_text(body), status,
                                answer.prompt_tokens, answer.completion_tokens)
-        self.requests.append(seen)
+        if self.keep_requests:
+            self.requests.append(seen)
         self.stats.requests += 1
         self.stats.by_status[status] += 1
         self.stats.prompt_tokens += answer.prompt_tokens or 0
