@@ -22,13 +22,14 @@ from typing import Any, Literal
 import aiohttp
 
 from pipeline.config import EndpointConfig, LimitsConfig, RequestConfig
-from pipeline.limits import Limits
+from pipeline.limits import Limits, LimitsClosed
 from pipeline.records import (
     FILTER_CATEGORIES,
     ApiError,
     CategoryFilter,
     FilterResult,
     ImageTask,
+    NotSent,
     PreparedImage,
     RunAborted,
     Usage,
@@ -281,17 +282,26 @@ class Client:
         self.retries_by_cause: Counter[str] = Counter()  # attempts sent again, by retry_cause
         self.http_429s = 0
 
+    def stop_sending(self) -> None:
+        """Start no more attempts: requests on the wire finish, rows waiting for the budget are not sent."""
+        self.limits.close()
+
     async def caption(self, task: ImageTask, body: Mapping[str, Any], reserve_tokens: int) -> Outcome:
         """Send one row, retrying what is worth retrying, and return its answer.
 
         Every attempt first reserves 1 request and `reserve_tokens` from the shared budgets. A 429 pauses
         every worker for the time the server gave. Raises ApiError when the row fails (not retryable, or
-        out of attempts) and RunAborted when no row can succeed (bad key, wrong deployment, quota gone).
+        out of attempts), RunAborted when no row can succeed (bad key, wrong deployment, quota gone), and
+        NotSent when an attempt was due after ``stop_sending``: a request started then could not finish
+        within the grace, and would be paid for and lost.
         """
         cfg = self._cfg
         last_reason, last_status = "no attempt made", None
         for attempt in range(1, cfg.max_attempts + 1):
-            reservation = await self.limits.acquire(reserve_tokens)
+            try:
+                reservation = await self.limits.acquire(reserve_tokens)
+            except LimitsClosed:
+                raise NotSent(task.row_id) from None
             try:
                 reply = await self._post(body)
             except (aiohttp.ClientError, asyncio.TimeoutError) as err:

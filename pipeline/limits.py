@@ -44,6 +44,10 @@ RECOVERY_S = 30.0  # time to grow from MIN_SHARE back to the full budget
 TIMER_EARLY_S = 1e-6  # asyncio may run a timer up to its clock's resolution early: count that as on time
 
 
+class LimitsClosed(Exception):
+    """The run is stopping: ``Limits.close`` was called, and nothing more is admitted."""
+
+
 @dataclass(slots=True, eq=False)  # two bookings of the same size at the same time are still two
 class Reservation:
     """One admitted request in the window; `tokens` is corrected once the bill is known.
@@ -144,6 +148,18 @@ class Limits:
         self._share_at = now
         self.pauses = 0
         self.paused_s = 0.0
+        self._closed = False
+
+    def close(self) -> None:
+        """Admit nothing more: every waiting ``acquire``, and every later one, raises LimitsClosed now."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.admitted.done():
+                waiter.admitted.set_exception(LimitsClosed())
 
     def admits(self, tokens: int) -> bool:
         """Whether a request reserving `tokens` can ever be sent under the per-minute budget."""
@@ -151,15 +167,20 @@ class Limits:
 
     async def acquire(self, tokens: int) -> Reservation:
         """Wait until one request of `tokens` fits every budget, then book it. Raises ValueError when
-        `tokens` exceeds the whole per-minute budget (check `admits` first)."""
+        `tokens` exceeds the whole per-minute budget (check `admits` first), LimitsClosed after ``close``."""
         if not self.admits(tokens):
             raise ValueError(f"{tokens} tokens exceed limits.tokens_per_minute = {self.tokens_per_minute}")
+        if self._closed:
+            raise LimitsClosed()
         waiter = _Waiter(tokens, self._loop.create_future())
         self._waiting.append(waiter)
         self._admit()
         try:
             reservation = await waiter.admitted
             await self._per_second.acquire(1)  # Azure also counts requests over 1-s windows
+            if self._closed:  # closed while this one was admitted but not yet on its way
+                self.settle(reservation, 0)
+                raise LimitsClosed()
             return reservation
         except asyncio.CancelledError:
             if waiter.admitted.done() and not waiter.admitted.cancelled():

@@ -173,6 +173,14 @@ class ConfigError(Exception):
     """A setting is missing or wrong; the message names the file and the key."""
 
 
+class NotSent(Exception):
+    """The run is stopping: this row was not sent (again), and stays uncommitted for the next run."""
+
+    def __init__(self, row_id: str) -> None:
+        super().__init__(f"row {row_id!r}: not sent, the run is stopping")
+        self.row_id = row_id
+
+
 class RunAborted(Exception):
     """The endpoint refuses us for every row (bad key, wrong deployment or route, quota gone)."""
 

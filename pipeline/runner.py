@@ -45,6 +45,7 @@ from pipeline.records import (
     ConfigError,
     ImageTask,
     ManifestError,
+    NotSent,
     PreparedImage,
     RowError,
     RunAborted,
@@ -336,8 +337,12 @@ class _Stages:
             self.cancel()
             return
         grace_s = self.cfg.limits.grace_s
-        log.warning("%s: reading no more rows; in-flight rows get %g s to finish, then commit", signame, grace_s)
+        log.warning(
+            "%s: reading and sending no more rows; requests on the wire get %g s to finish, then commit",
+            signame, grace_s,
+        )
         self.stopping.set()
+        self.client.stop_sending()  # rows waiting for the budget or a retry would not finish in time
         self.stop_code, self.stopped_because = EXIT_INTERRUPTED, f"interrupted by {signame}"
         asyncio.get_running_loop().call_later(grace_s, self.cancel)
 
@@ -404,10 +409,14 @@ class _Stages:
         while (task := await self.queue.get()) is not None:
             if self.stopping.is_set():
                 continue  # drain without sending: these rows stay uncommitted for the next run
-            await self.commit(await self.serve(task))
+            if (result := await self.serve(task)) is not None:
+                await self.commit(result)
 
-    async def serve(self, task: ImageTask) -> VisionResult:
-        """One row from images to answer; a row's failure becomes its result, a run's failure raises."""
+    async def serve(self, task: ImageTask) -> VisionResult | None:
+        """One row from images to answer; a row's failure becomes its result, a run's failure raises.
+
+        None: the run is stopping and the row was not sent; it stays uncommitted for the next run.
+        """
         cfg, loop = self.cfg, asyncio.get_running_loop()
         started_at, started = time.time(), loop.time()
         estimated: int | None = None
@@ -422,6 +431,8 @@ class _Stages:
             result = _answered(task, await self.client.caption(task, body, reserve), cfg, estimated, self.price)
         except RunAborted:
             raise
+        except NotSent:
+            return None
         except RowError as err:
             result = _failed(task, err, cfg, estimated)
         except Exception as err:  # a surprise fails this row, not the run

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from pipeline.limits import WINDOW_S, Limits
+from pipeline.limits import WINDOW_S, Limits, LimitsClosed
 
 pytestmark = pytest.mark.looptime  # the loop's clock jumps ahead when idle: minutes of pacing in milliseconds
 
@@ -200,3 +200,21 @@ async def test_a_request_cancelled_while_waiting_does_not_hold_up_the_next():
     await limits.acquire(100)
 
     assert loop.time() - before < 0.01
+
+
+async def test_closing_turns_away_the_waiting_at_once_and_everyone_after():
+    limits = Limits(tokens_per_minute=6_000, requests_per_minute=60)
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(WINDOW_S)
+    await limits.acquire(900)
+    waiting = [asyncio.create_task(limits.acquire(500)) for _ in range(3)]  # the window is full
+    await asyncio.sleep(1)
+
+    before = loop.time()
+    limits.close()
+    outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+
+    assert all(isinstance(outcome, LimitsClosed) for outcome in outcomes)
+    assert loop.time() - before < 0.01
+    with pytest.raises(LimitsClosed):
+        await limits.acquire(100)

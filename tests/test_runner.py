@@ -194,6 +194,35 @@ async def test_sigterm_stops_commits_and_a_rerun_completes_every_row_once(
     assert len(rows_by_id(tmp_path / "out")) == 12
 
 
+async def test_after_sigterm_no_request_is_started_and_rows_waiting_for_the_quota_stay_for_the_rerun(
+    tmp_path, images_manifest, key_in_env
+):
+    """Rows waiting for the budget would be sent at the quota's pace, long after the signal: paid for, and
+    cut off by the grace before their answer is committed. They are not sent at all."""
+    from pipeline.config import EmulatorConfig
+    from pipeline.emulator import Emulator
+
+    manifest = images_manifest(8)
+    async with Emulator(EmulatorConfig(latency_s=0.2), api_key=TEST_KEY, deployment="vision") as slow:
+        cfg = with_limits(azure_config(slow), concurrency=4, requests_per_minute=12)  # 2 per 10 s window
+        loop = asyncio.get_running_loop()
+        signalled = loop.time() + 1.0
+        loop.call_at(signalled, os.kill, os.getpid(), signal.SIGTERM)
+
+        first = await run(cfg, RunOptions(manifest, tmp_path / "out"))
+        stopped = loop.time()
+        sent_before_rerun = len(slow.requests)
+        second = await run(
+            with_limits(cfg, requests_per_minute=6000), RunOptions(manifest, tmp_path / "out", handle_signals=False)
+        )
+
+    assert first.exit_code == EXIT_INTERRUPTED and first.rows >= 1 and stopped - signalled < 1.0
+    assert all(request.at < signalled for request in slow.requests[:sent_before_rerun])
+    assert sent_before_rerun == first.rows  # every request sent was answered and committed
+    assert second.exit_code == EXIT_OK and second.skipped == first.rows
+    assert len(rows_by_id(tmp_path / "out")) == 8
+
+
 async def test_a_refused_key_stops_the_run_naming_the_setting(tmp_path, emulator, images_manifest, monkeypatch):
     monkeypatch.setenv(KEY_ENV, "wrong-key")
     manifest = images_manifest(20)
