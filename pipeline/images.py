@@ -66,8 +66,8 @@ except ImportError:  # pragma: no cover - requirements.lock installs pi-heif
 if _heif_plugin is not None:
     _heif_plugin.register_heif_opener()
 
-# Images are shrunk one per worker thread and the pool runs one per core: libvips needs no threads of its
-# own, and nothing it computes is used twice, so its operation cache would only hold on to pixels.
+# Each thread of the run's image pool shrinks one image at a time: libvips needs no threads of its own,
+# and nothing it computes is used twice, so its operation cache would only hold on to pixels.
 pyvips.concurrency_set(1)
 pyvips.cache_set_max(0)
 # pyvips relays libvips' messages to logging: an INFO line per operation ("threadpool completed") and a
@@ -146,7 +146,7 @@ def image_threads(cfg: ImagesConfig) -> int:
 
     Preparing is CPU-bound and mostly outside the GIL (libvips; Pillow for the formats libvips does not
     read), so threads use every core. The one extra keeps the cores busy while a thread waits for the GIL
-    or the disk: 56 photos/s instead of 53 with 6 threads against 2 on 2 cores (bench/images_bench.py).
+    or the disk: 55 photos/s instead of 52 with 6 threads against 2 on 2 cores (bench/images_bench.py).
     """
     if cfg.threads:
         return cfg.threads
@@ -167,7 +167,7 @@ def prepare_image(
     header), or a path relative to `base_dir` that must stay inside ``cfg.allowed_roots`` (default:
     `base_dir`) once resolved. A local image is oriented by EXIF, made RGB (see the module's notes on
     alpha), shrunk to ``tokens.viewed_size`` of its oriented size (never enlarged) and encoded as
-    ``cfg.encoding``; so it costs the same tokens as the original. Blocks: decodes with Pillow.
+    ``cfg.encoding``; so it costs the same tokens as the original. Blocks: decodes with Pillow or libvips.
 
     Raises ImageError (one line naming the row and the reference, never a data URL or file bytes) for
     another URL scheme, a path outside the allowed folders, a missing, empty, unreadable, truncated or
