@@ -8,6 +8,7 @@ share them. ``caption`` is the one place that talks to the network, and the one 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import logging
@@ -281,9 +282,12 @@ class Client:
         self._rng = rng
         self.retries_by_cause: Counter[str] = Counter()  # attempts sent again, by retry_cause
         self.http_429s = 0
+        self._stopping = asyncio.Event()
 
     def stop_sending(self) -> None:
-        """Start no more attempts: requests on the wire finish, rows waiting for the budget are not sent."""
+        """Start no more attempts: requests on the wire finish; rows waiting for the budget or backing off
+        before a retry end at once, not sent."""
+        self._stopping.set()
         self.limits.close()
 
     async def caption(self, task: ImageTask, body: Mapping[str, Any], reserve_tokens: int) -> Outcome:
@@ -297,11 +301,14 @@ class Client:
         """
         cfg = self._cfg
         last_reason, last_status = "no attempt made", None
+        retrying: str | None = None  # the retry_cause of the attempt before, counted once this one is sent
         for attempt in range(1, cfg.max_attempts + 1):
             try:
                 reservation = await self.limits.acquire(reserve_tokens)
             except LimitsClosed:
                 raise NotSent(task.row_id) from None
+            if retrying is not None:
+                self.retries_by_cause[retrying] += 1
             try:
                 reply = await self._post(body)
             except (aiohttp.ClientError, asyncio.TimeoutError) as err:
@@ -336,7 +343,7 @@ class Client:
             if attempt == cfg.max_attempts:
                 break
             wait_s = verdict.wait_s if verdict.wait_s is not None else backoff_s(attempt, cfg, self._rng)
-            self.retries_by_cause[cause] += 1
+            retrying = cause
             if last_status == 429:
                 self.limits.settle(reservation, 0)  # a refused request is not charged against the quota
                 log.info(
@@ -345,7 +352,8 @@ class Client:
                 )  # fmt: skip
                 self.limits.pause(wait_s)  # every worker waits: the quota is shared
             else:
-                await asyncio.sleep(wait_s)
+                with contextlib.suppress(TimeoutError):  # a stop cuts the wait short; acquire then says so
+                    await asyncio.wait_for(self._stopping.wait(), wait_s)
         raise ApiError(
             task.row_id,
             f"gave up after {cfg.max_attempts} attempts; last: {last_reason}",

@@ -183,8 +183,9 @@ class Limits:
                 raise LimitsClosed()
             return reservation
         except asyncio.CancelledError:
-            if waiter.admitted.done() and not waiter.admitted.cancelled():
-                self.settle(waiter.admitted.result(), 0)  # booked but never sent: give its tokens back
+            admitted = waiter.admitted
+            if admitted.done() and not admitted.cancelled() and admitted.exception() is None:
+                self.settle(admitted.result(), 0)  # booked but never sent: give its tokens back
             self._admit()  # the next in line may go sooner
             raise
 
@@ -248,6 +249,8 @@ class Limits:
 
     def pause(self, wait_s: float) -> None:
         """A 429: stop every worker for `wait_s` seconds, then resume gradually at a reduced budget."""
+        if self._closed:
+            return  # nothing will be sent again: a pause would only be counted
         now = self._loop.time()
         resume_at = now + wait_s
         if resume_at > self._resume_at:

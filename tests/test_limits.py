@@ -218,3 +218,18 @@ async def test_closing_turns_away_the_waiting_at_once_and_everyone_after():
     assert loop.time() - before < 0.01
     with pytest.raises(LimitsClosed):
         await limits.acquire(100)
+
+
+async def test_a_waiter_cancelled_in_the_turn_it_is_turned_away_is_cancelled_not_turned_away():
+    """A second signal cancels the task as the first closes the limiter: the cancel must win."""
+    limits = Limits(tokens_per_minute=6_000, requests_per_minute=60)
+    await asyncio.sleep(WINDOW_S)
+    await limits.acquire(900)
+    waiting = asyncio.create_task(limits.acquire(500))
+    await asyncio.sleep(1)
+
+    limits.close()
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+
+    assert waiting.cancelled()

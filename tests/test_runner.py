@@ -223,6 +223,28 @@ async def test_after_sigterm_no_request_is_started_and_rows_waiting_for_the_quot
     assert len(rows_by_id(tmp_path / "out")) == 8
 
 
+async def test_a_row_waiting_to_retry_when_sigterm_comes_is_left_for_the_rerun_at_once(
+    tmp_path, images_manifest, key_in_env
+):
+    from pipeline.emulator import Emulator
+
+    manifest = images_manifest(1)
+    async with Emulator(api_key=TEST_KEY, deployment="vision") as emu:
+        emu.script(Fault(status=503, headers={"retry-after": "8"}))
+        cfg = azure_config(emu)
+        loop = asyncio.get_running_loop()
+        signalled = loop.time() + 1.0
+        loop.call_at(signalled, os.kill, os.getpid(), signal.SIGTERM)
+
+        first = await run(cfg, RunOptions(manifest, tmp_path / "out"))
+        stopped = loop.time()
+        second = await run(cfg, RunOptions(manifest, tmp_path / "out", handle_signals=False))
+
+    assert first.exit_code == EXIT_INTERRUPTED and first.rows == 0 and stopped - signalled < 1.0
+    assert first.retries_by_cause == {}  # the retry was never sent
+    assert second.exit_code == EXIT_OK and len(rows_by_id(tmp_path / "out")) == 1
+
+
 async def test_a_refused_key_stops_the_run_naming_the_setting(tmp_path, emulator, images_manifest, monkeypatch):
     monkeypatch.setenv(KEY_ENV, "wrong-key")
     manifest = images_manifest(20)
