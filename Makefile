@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-quota bench-resume bench-progress bench-estimate bench-images chaos sample-data clean
+.PHONY: demo test lint bench bench-quota bench-resume bench-progress bench-estimate bench-images chaos sample-data clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,13 @@ demo: $(STAMP)
 	rm -rf out/demo
 	$(BIN)/vision-pipeline run configs/emulator.toml --manifest sample_data/manifest.csv --output out/demo
 
-test: $(STAMP)
+test: lint $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The static checks, also run by `make test`: lint and format on all Python, strict types on the package.
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline tests bench
+	$(BIN)/ruff format --check pipeline tests bench
 
 sample-data: $(STAMP)
 	$(BIN)/python sample_data/make_samples.py

@@ -158,7 +158,11 @@ def end_to_end(paths: list[Path], work: Path, repeat: int, emulator_url: str | N
     cfg = config_from_mapping(
         {
             "endpoint": endpoint,
-            "limits": {"concurrency": 16, "tokens_per_minute": 1_000_000_000, "requests_per_minute": 1_000_000},
+            "limits": {
+                "concurrency": 16,
+                "tokens_per_minute": 1_000_000_000,
+                "requests_per_minute": 1_000_000,
+            },
             "emulator": {"latency_s": 0.0},
             "output": {"rows_per_part": 1000},
         },
@@ -189,7 +193,9 @@ def emulator_process() -> Iterator[tuple[str, int]]:
     """`vision-pipeline emulator` in a process of its own, as a remote service would be: its URL and pid."""
     os.environ[KEY_ENV] = "bench"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "emulator", "--api-key", "bench"], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", "pipeline", "emulator", "--api-key", "bench"],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -212,14 +218,21 @@ def print_end_to_end(paths: list[Path], work: Path, repeat: int, cores: int) -> 
         emulator_cpu = cpu_seconds_of(pid)
         apart = end_to_end(paths, work, repeat, url)
         emulator_ms = (cpu_seconds_of(pid) - emulator_cpu) * 1000 / (repeat * len(paths))
-    for name, result in (("emulator in the run's process", inside), ("emulator in a process of its own", apart)):
+    for name, result in (
+        ("emulator in the run's process", inside),
+        ("emulator in a process of its own", apart),
+    ):
         verdict = "meets" if result.rows_per_s >= TARGET_ROWS_PER_S else "MISSES"
         runs = ", ".join(f"{rate:.1f}" for rate in result.each)
-        print(f"  {name}: {result.rows_per_s:.1f} rows/s (runs: {runs}); {verdict} {TARGET_ROWS_PER_S:.0f} rows/s")
+        print(
+            f"  {name}: {result.rows_per_s:.1f} rows/s (runs: {runs}); {verdict} {TARGET_ROWS_PER_S:.0f} rows/s"
+        )
     client_ms = apart.cpu_ms_per_row
     print(f"  CPU per row: client {client_ms:.1f} ms, emulator {emulator_ms:.1f} ms "
           f"(in one process: {inside.cpu_ms_per_row:.1f} ms)")  # fmt: skip
-    print(f"  the client alone could serve at most {cores * 1000 / client_ms:.0f} rows/s on {cores} idle cores")
+    print(
+        f"  the client alone could serve at most {cores * 1000 / client_ms:.0f} rows/s on {cores} idle cores"
+    )
 
 
 def main() -> int:

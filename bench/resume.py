@@ -349,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         f"  start-up to first request  {shown_startup} (target ≤ {STARTUP_TARGET_S:g} s: {verdict(is_fast)})"
     )
     if readies:
-        print(f"  of which resume ready      {statistics.median(readies):.2f} s (open_output wrote _run.json)")
+        print(
+            f"  of which resume ready      {statistics.median(readies):.2f} s (open_output wrote _run.json)"
+        )
     cpu_s = statistics.median(s.cpu_s for s in samples)
     print(f"  CPU time, whole run        {cpu_s:.2f} s (user + system; steadier than wall time when busy)")
     print(

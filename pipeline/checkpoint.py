@@ -33,7 +33,15 @@ import pyarrow.parquet as pq
 
 from pipeline.config import RunConfig
 from pipeline.records import ConfigError
-from pipeline.sink import RUN_FILE, STATS_FILE, TEMP_PREFIX, fsync_dir, part_files, write_json_atomic, write_part
+from pipeline.sink import (
+    RUN_FILE,
+    STATS_FILE,
+    TEMP_PREFIX,
+    fsync_dir,
+    part_files,
+    write_json_atomic,
+    write_part,
+)
 
 IDENTITY_FORMAT = 1
 
@@ -53,7 +61,9 @@ class Settings:
 
 def settings_of(cfg: RunConfig) -> Settings:
     ep, req = cfg.endpoint, cfg.request
-    return Settings(ep.provider, ep.model, req.system_prompt, req.prompt, req.detail, req.max_tokens, req.temperature)
+    return Settings(
+        ep.provider, ep.model, req.system_prompt, req.prompt, req.detail, req.max_tokens, req.temperature
+    )
 
 
 def fingerprint(value: Any) -> str:
@@ -65,7 +75,11 @@ def fingerprint(value: Any) -> str:
 def manifest_fingerprint(path: Path) -> dict[str, Any]:
     """Identify a manifest cheaply (path, size, modification time); it may grow between nightly runs."""
     stat = path.stat()
-    return {"path": str(path.resolve()), "bytes": stat.st_size if path.is_file() else None, "mtime": stat.st_mtime}
+    return {
+        "path": str(path.resolve()),
+        "bytes": stat.st_size if path.is_file() else None,
+        "mtime": stat.st_mtime,
+    }
 
 
 def new_run_id(number: int, now: float) -> str:
@@ -91,7 +105,9 @@ def output_lock(output: Path) -> Iterator[None]:
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "unknown"
-            raise ConfigError(f"{output}: another run is writing to it (pid {holder}); wait for it to end") from None
+            raise ConfigError(
+                f"{output}: another run is writing to it (pid {holder}); wait for it to end"
+            ) from None
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
@@ -255,7 +271,10 @@ def open_output(
         "format": IDENTITY_FORMAT,
         "settings": settings,
         "config_fingerprint": fingerprint(settings),
-        "manifest": {**manifest_fingerprint(manifest), "fingerprint": fingerprint(manifest_fingerprint(manifest))},
+        "manifest": {
+            **manifest_fingerprint(manifest),
+            "fingerprint": fingerprint(manifest_fingerprint(manifest)),
+        },
         "versions": _versions(),
         "runs": [*runs, {"run_id": run_id, "started_at": now, "config": cfg.source}],
     }

@@ -36,7 +36,9 @@ from pipeline.runner import (
 )
 from pipeline.status import format_status, read_status
 
-EXIT_CODES_HELP = "Exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_MEANINGS.items()) + "."
+EXIT_CODES_HELP = (
+    "Exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_MEANINGS.items()) + "."
+)
 
 
 def _setup_logging(verbose: int, quiet: bool, log_format: LogFormat = "auto") -> str:
@@ -65,22 +67,45 @@ def main() -> None:
 
 @main.command(name="run", epilog=EXIT_CODES_HELP)
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--manifest", required=True, type=click.Path(path_type=Path), help="CSV, JSONL, Parquet or a folder.")
-@click.option("--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Parquet dataset folder.")
+@click.option(
+    "--manifest", required=True, type=click.Path(path_type=Path), help="CSV, JSONL, Parquet or a folder."
+)
+@click.option(
+    "--output",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Parquet dataset folder.",
+)
 @click.option("--limit", type=click.IntRange(min=1), help="Send at most this many new rows.")
 @click.option("--retry-failed", is_flag=True, help="Send rows committed as error again; the newest row wins.")
-@click.option("--new-run", is_flag=True, help="OUTPUT was made with other settings: set its rows aside, start afresh.")
+@click.option(
+    "--new-run", is_flag=True, help="OUTPUT was made with other settings: set its rows aside, start afresh."
+)
 @click.option("-v", "--verbose", count=True, help="More log detail (a line per row).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress display.")
-@click.option("--log-format", type=click.Choice(LOG_FORMATS), default="auto", show_default=True,
-              help="json: one object per line on stderr, and the summary as one JSON line on stdout. "
-              "auto: json unless stderr is a terminal.")
-@click.option("--progress/--no-progress", default=None,
-              help="The live progress display on stderr. Default: on in a terminal with text logs.")
-@click.option("--metrics-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Keep this Prometheus textfile (*.prom) up to date during the run.")
-@click.option("--dry-run", is_flag=True,
-              help="Print the first request that would be sent (images shortened, no key) and exit 0; send nothing.")
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="auto",
+    show_default=True,
+    help="json: one object per line on stderr, and the summary as one JSON line on stdout. "
+    "auto: json unless stderr is a terminal.",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="The live progress display on stderr. Default: on in a terminal with text logs.",
+)
+@click.option(
+    "--metrics-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Keep this Prometheus textfile (*.prom) up to date during the run.",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the first request that would be sent (images shortened, no key) and exit 0; send nothing.",
+)
 def run_command(
     config: Path,
     manifest: Path,
@@ -119,8 +144,10 @@ def format_summary(summary: RunSummary) -> str:
     counts = summary.counts
     cost = "unknown (no price for the model)" if summary.cost_usd is None else f"${summary.cost_usd:.4f}"
     lines = [
-        f"rows: {counts['ok']} ok, {counts['filtered']} filtered, {counts['error']} error"
-        f" ({summary.skipped} already done, {summary.duplicates} duplicate ids ignored)",
+        (
+            f"rows: {counts['ok']} ok, {counts['filtered']} filtered, {counts['error']} error"
+            f" ({summary.skipped} already done, {summary.duplicates} duplicate ids ignored)"
+        ),
         f"tokens: {summary.prompt_tokens} prompt + {summary.completion_tokens} completion; cost {cost}",
         (
             f"time: {summary.duration_s:.1f} s ({summary.rows_per_s:.1f} rows/s), {summary.retries} retries, "
@@ -152,17 +179,34 @@ def _window_h(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 @main.command(name="estimate")
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--manifest", required=True, type=click.Path(path_type=Path), help="CSV, JSONL, Parquet or a folder.")
+@click.option(
+    "--manifest", required=True, type=click.Path(path_type=Path), help="CSV, JSONL, Parquet or a folder."
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (schema in the README), for scripts.")
-@click.option("--per-row", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write each row's images, prompt tokens and cost to this Parquet file.")
-@click.option("--observed", type=click.Path(file_okay=False, path_type=Path),
-              help="An earlier run's OUTPUT: its mean completion tokens, and its billed prompt tokens row by row.")
-@click.option("--window", "window_h", callback=_window_h, help="Does the run fit in this time? e.g. 6h, 90m, 1h30m.")
-@click.option("--probe-urls", is_flag=True, help="Size http(s) images from their first 64 KiB (Range requests).")
+@click.option(
+    "--per-row",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write each row's images, prompt tokens and cost to this Parquet file.",
+)
+@click.option(
+    "--observed",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="An earlier run's OUTPUT: its mean completion tokens, and its billed prompt tokens row by row.",
+)
+@click.option(
+    "--window", "window_h", callback=_window_h, help="Does the run fit in this time? e.g. 6h, 90m, 1h30m."
+)
+@click.option(
+    "--probe-urls", is_flag=True, help="Size http(s) images from their first 64 KiB (Range requests)."
+)
 def estimate_command(
-    config: Path, manifest: Path, as_json: bool, per_row: Path | None, observed: Path | None,
-    window_h: float | None, probe_urls: bool,
+    config: Path,
+    manifest: Path,
+    as_json: bool,
+    per_row: Path | None,
+    observed: Path | None,
+    window_h: float | None,
+    probe_urls: bool,
 ) -> None:
     """What captioning MANIFEST under CONFIG will cost and how long it will take; nothing is sent."""
     _setup_logging(0, True)
@@ -176,8 +220,13 @@ def estimate_command(
 
 @main.command(name="report")
 @click.argument("output", type=click.Path(file_okay=False, path_type=Path))
-@click.option("-o", "--out", "dest", type=click.Path(dir_okay=False, path_type=Path),
-              help=f"Where to write the page (default OUTPUT/{REPORT_FILE}).")
+@click.option(
+    "-o",
+    "--out",
+    "dest",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help=f"Where to write the page (default OUTPUT/{REPORT_FILE}).",
+)
 def report_command(output: Path, dest: Path | None) -> None:
     """Write one self-contained HTML page about OUTPUT: summary, failed rows, filter hits, histograms, samples."""
     with _exit_on_errors("write the report"):
@@ -195,9 +244,13 @@ def report_command(output: Path, dest: Path | None) -> None:
 @click.option("--fault-rate", default=0.0, show_default=True, help="Share of requests answered 500.")
 @click.option("--drop-rate", default=0.0, show_default=True, help="Share of connections dropped.")
 @click.option("--tpm", default=0, show_default=True, help="Enforce this tokens-per-minute quota (0: none).")
-@click.option("--rpm", default=0, show_default=True, help="Enforce this requests-per-minute quota (0: from TPM).")
+@click.option(
+    "--rpm", default=0, show_default=True, help="Enforce this requests-per-minute quota (0: from TPM)."
+)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--request-log", type=click.Path(dir_okay=False, path_type=Path), help="Append a JSON line per request.")
+@click.option(
+    "--request-log", type=click.Path(dir_okay=False, path_type=Path), help="Append a JSON line per request."
+)
 def emulator_command(
     host: str,
     port: int,

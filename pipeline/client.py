@@ -79,13 +79,19 @@ def build_body(
     `model` goes into the body for OpenAI-style routes and is None for Azure.
     """
     content: list[dict[str, Any]] = [{"type": "text", "text": task.prompt}]
-    content += [{"type": "image_url", "image_url": {"url": image.url, "detail": task.detail}} for image in images]
+    content += [
+        {"type": "image_url", "image_url": {"url": image.url, "detail": task.detail}} for image in images
+    ]
     messages: list[dict[str, Any]] = []
     if request.system_prompt:
         messages.append({"role": "system", "content": request.system_prompt})
     messages.append({"role": "user", "content": content})
     # the reference: "Remember to set a max_tokens value, or the return output will be cut off"
-    body: dict[str, Any] = {"messages": messages, "max_tokens": request.max_tokens, "temperature": request.temperature}
+    body: dict[str, Any] = {
+        "messages": messages,
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+    }
     if model is not None:
         body["model"] = model
     return body
@@ -176,7 +182,10 @@ def retry_after_s(headers: Mapping[str, str], *, now: float) -> float | None:
             parsed = email.utils.parsedate_tz(value)
             if parsed is not None:
                 return max(0.0, email.utils.mktime_tz(parsed) - now)
-    resets = [_parse_duration(headers.get(name, "")) for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")]
+    resets = [
+        _parse_duration(headers.get(name, ""))
+        for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
+    ]
     known = [r for r in resets if r is not None]
     return max(known) if known else None
 
@@ -211,7 +220,9 @@ def parse_answer(body: Mapping[str, Any]) -> Answer:
     """Parse a 200 response (Azure or OpenAI shape) or a 400 content_filter refusal."""
     if "error" in body:  # a prompt refused by the content filter
         inner = body["error"].get("innererror") or {}
-        return Answer(None, "content_filter", None, None, None, parse_filter(inner.get("content_filter_result")), None)
+        return Answer(
+            None, "content_filter", None, None, None, parse_filter(inner.get("content_filter_result")), None
+        )
     choice = (body.get("choices") or [{}])[0]
     prompt_results = body.get("prompt_filter_results") or body.get("prompt_annotations") or []
     usage = body.get("usage") or None
@@ -227,7 +238,9 @@ def parse_answer(body: Mapping[str, Any]) -> Answer:
         )
         if usage
         else None,
-        prompt_filter=parse_filter(prompt_results[0].get("content_filter_results")) if prompt_results else None,
+        prompt_filter=parse_filter(prompt_results[0].get("content_filter_results"))
+        if prompt_results
+        else None,
         completion_filter=parse_filter(choice.get("content_filter_results")),
     )
 
@@ -273,7 +286,12 @@ class Client:
     """Sends rows to one endpoint over one aiohttp session, under the run's shared budgets."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, endpoint: Endpoint, limits: Limits, cfg: LimitsConfig, rng: random.Random
+        self,
+        session: aiohttp.ClientSession,
+        endpoint: Endpoint,
+        limits: Limits,
+        cfg: LimitsConfig,
+        rng: random.Random,
     ) -> None:
         self._session = session
         self.endpoint = endpoint
@@ -311,7 +329,7 @@ class Client:
                 self.retries_by_cause[retrying] += 1
             try:
                 reply = await self._post(body)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+            except (TimeoutError, aiohttp.ClientError) as err:
                 reply, verdict = None, Verdict("retry")
                 last_status, last_reason = None, _describe_exception(err, cfg.timeout_s)
                 cause = retry_cause(None, err)
@@ -321,18 +339,27 @@ class Client:
                     self.http_429s += 1
                 cause = retry_cause(reply.status)
                 verdict = classify(reply.status, reply.headers, reply.body, now=time.time())
-                last_status, last_reason = reply.status, f"HTTP {reply.status}: {error_message(reply.body, reply.text)}"
+                last_status, last_reason = (
+                    reply.status,
+                    f"HTTP {reply.status}: {error_message(reply.body, reply.text)}",
+                )
             if reply is not None and verdict.action in ("done", "filtered"):
                 answer = parse_answer(reply.body)  # type: ignore[arg-type]  # classify checked its shape
                 if answer.usage is not None:  # the server's own count replaces our estimate in the window
-                    self.limits.settle(reservation, answer.usage.prompt_tokens + int(body.get("max_tokens", 0)))
+                    self.limits.settle(
+                        reservation, answer.usage.prompt_tokens + int(body.get("max_tokens", 0))
+                    )
                 is_filtered = verdict.action == "filtered" or answer.finish_reason == "content_filter"
                 return Outcome("filtered" if is_filtered else "ok", answer, attempt, reply.status)
             if reply is not None and verdict.action == "abort":
                 raise RunAborted(self._abort_message(reply), http_status=reply.status)
             if reply is not None and verdict.action == "fail":
                 raise ApiError(
-                    task.row_id, last_reason, status=last_status, code=error_code(reply.body), attempts=attempt
+                    task.row_id,
+                    last_reason,
+                    status=last_status,
+                    code=error_code(reply.body),
+                    attempts=attempt,
                 )
             if verdict.wait_s is not None and verdict.wait_s > cfg.max_retry_after_s:
                 raise RunAborted(
@@ -377,7 +404,11 @@ class Client:
         reason = error_message(reply.body, reply.text)
         if reply.status in (401, 403):
             key = self.endpoint.key_env
-            what = f"the key in ${key} (endpoint.api_key_env)" if key else "us: endpoint.api_key_env is empty, no key sent"
+            what = (
+                f"the key in ${key} (endpoint.api_key_env)"
+                if key
+                else "us: endpoint.api_key_env is empty, no key sent"
+            )
             return f"HTTP {reply.status}: the endpoint refused {what}: {reason}"
         return f"HTTP 404: no such deployment or route, check endpoint.url and endpoint.deployment: {reason}"
 

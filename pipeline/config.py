@@ -100,7 +100,9 @@ class PricingConfig:
     """This config's prices, over the shipped table ``configs/prices.toml`` (see ``pricing.price_for_run``)."""
 
     file: str = ""  # another price file, relative to this config's folder; empty: configs/prices.toml
-    input_per_1m: float | None = None  # US dollars per 1M prompt tokens for endpoint.model; with output_per_1m
+    input_per_1m: float | None = (
+        None  # US dollars per 1M prompt tokens for endpoint.model; with output_per_1m
+    )
     output_per_1m: float | None = None  # these two replace the file's entry (0 for a free local server)
     batch_discount: float | None = None  # share the Batch API takes off; unset: the file's, or 0 inline
 
@@ -289,9 +291,13 @@ def _check_pricing(cfg: RunConfig) -> None:
         if value is not None and value < 0:
             raise ConfigError(f"{src}: pricing.{key} = {value}: must not be negative")
     if (pricing.input_per_1m is None) != (pricing.output_per_1m is None):
-        raise ConfigError(f"{src}: pricing.input_per_1m and pricing.output_per_1m go together: set both or neither")
+        raise ConfigError(
+            f"{src}: pricing.input_per_1m and pricing.output_per_1m go together: set both or neither"
+        )
     if pricing.batch_discount is not None and not 0 <= pricing.batch_discount <= 1:
-        raise ConfigError(f"{src}: pricing.batch_discount = {pricing.batch_discount}: must be between 0 and 1")
+        raise ConfigError(
+            f"{src}: pricing.batch_discount = {pricing.batch_discount}: must be between 0 and 1"
+        )
 
 
 def api_key(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> str | None:
@@ -308,5 +314,7 @@ def api_key(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> str | N
         return None
     key = environ.get(ep.api_key_env, "").strip()
     if not key:
-        raise ConfigError(f"{cfg.source}: endpoint.api_key_env: environment variable {ep.api_key_env} is not set")
+        raise ConfigError(
+            f"{cfg.source}: endpoint.api_key_env: environment variable {ep.api_key_env} is not set"
+        )
     return key

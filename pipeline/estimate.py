@@ -24,6 +24,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
+from typing import Self
 
 import aiohttp
 import pyarrow as pa
@@ -239,7 +240,7 @@ class _Sizer:
         self.deadline = 0.0
         self.slots = asyncio.Semaphore(options.probe_concurrency)
 
-    async def __aenter__(self) -> _Sizer:
+    async def __aenter__(self) -> Self:
         if self.options.probe_urls:
             self.session = open_session(self.cfg.images)  # the downloads' address rules hold for probes too
             self.deadline = asyncio.get_running_loop().time() + self.options.probe_budget_s

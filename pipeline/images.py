@@ -340,7 +340,9 @@ def _prepare(
     """
     try:
         with _opened(source) as fp, Image.open(fp, formats=SNIFFED_FORMATS) as im:
-            source_bytes = os.fstat(fp.fileno()).st_size if isinstance(source, Path) else len(source.getbuffer())
+            source_bytes = (
+                os.fstat(fp.fileno()).st_size if isinstance(source, Path) else len(source.getbuffer())
+            )
             stored_w, stored_h = im.size
             if isinstance(source, Path) and cfg.extension_must_match:
                 _check_extension(ref, im.format or "", row_id=row_id)

@@ -407,8 +407,10 @@ def format_estimate(e: Estimate) -> str:
     images = sum(t.images_by_detail.values())
     lines = [
         f"estimate of {e.manifest} under {e.config} (model {e.model}); nothing was sent",
-        f"rows: {t.read:,} read, {rows:,} to send, {sum(t.failing.values()):,} would fail, "
-        f"{t.duplicates:,} duplicate ids ignored",
+        (
+            f"rows: {t.read:,} read, {rows:,} to send, {sum(t.failing.values()):,} would fail, "
+            f"{t.duplicates:,} duplicate ids ignored"
+        ),
         f"images: {images:,} ({by_detail}; auto is counted as high, the upper bound)",
     ]
     if t.unsized_because:
@@ -417,23 +419,33 @@ def format_estimate(e: Estimate) -> str:
     expected = e.expected_completion_tokens
     lines += [
         f"prompt tokens: {t.prompt_tokens:,} (as the run counts them and the service bills them)",
-        f"output tokens: at most {e.max_tokens * rows:,} (max_tokens {e.max_tokens} × {rows:,} rows); "
-        f"expected {round(expected * rows):,} ({expected:,.1f} per row: {e.expected_source})",
-        f"cost: input ${e.cost.input_usd:,.4f} + output ${e.cost.output_expected_usd:,.4f} expected "
-        f"= ${e.cost.total_expected_usd:,.4f}; at most ${e.cost.total_max_usd:,.4f}",
-        f"  at Batch API prices ({p.batch_discount:.0%} off): ${e.batch_cost.total_expected_usd:,.4f} "
-        f"expected, at most ${e.batch_cost.total_max_usd:,.4f}",
-        f"  prices: {p.model} ${p.input_per_1m:g} in, ${p.output_per_1m:g} out per 1M tokens; "
-        f"checked {p.checked}; {p.file}",
+        (
+            f"output tokens: at most {e.max_tokens * rows:,} (max_tokens {e.max_tokens} × {rows:,} rows); "
+            f"expected {round(expected * rows):,} ({expected:,.1f} per row: {e.expected_source})"
+        ),
+        (
+            f"cost: input ${e.cost.input_usd:,.4f} + output ${e.cost.output_expected_usd:,.4f} expected "
+            f"= ${e.cost.total_expected_usd:,.4f}; at most ${e.cost.total_max_usd:,.4f}"
+        ),
+        (
+            f"  at Batch API prices ({p.batch_discount:.0%} off): ${e.batch_cost.total_expected_usd:,.4f} "
+            f"expected, at most ${e.batch_cost.total_max_usd:,.4f}"
+        ),
+        (
+            f"  prices: {p.model} ${p.input_per_1m:g} in, ${p.output_per_1m:g} out per 1M tokens; "
+            f"checked {p.checked}; {p.file}"
+        ),
     ]
     if d.rows_per_min is None or d.reserve_tokens_per_row is None:
         lines.append("duration: nothing to send")
     else:
         lines += [
             f"duration: {_hours(d.duration_h)} at {d.rows_per_min:,.1f} rows/min ({d.binding} binds)",
-            f"  per {d.window_s:g} s window: {d.tokens_per_minute:,} TPM at {d.reserve_tokens_per_row:,.0f} "
-            f"tokens reserved per row admits {d.rows_per_window_by_tokens:,} rows, "
-            f"{d.requests_per_minute:,} RPM admits {d.rows_per_window_by_requests:,}",
+            (
+                f"  per {d.window_s:g} s window: {d.tokens_per_minute:,} TPM at {d.reserve_tokens_per_row:,.0f} "
+                f"tokens reserved per row admits {d.rows_per_window_by_tokens:,} rows, "
+                f"{d.requests_per_minute:,} RPM admits {d.rows_per_window_by_requests:,}"
+            ),
         ]
     if d.concurrency_rows_per_min is not None:
         lines.append(
@@ -451,8 +463,10 @@ def format_estimate(e: Estimate) -> str:
         estimated_usd, billed_usd = _compared_costs(e)
         pct = _difference_pct(estimated_usd, billed_usd)
         lines += [
-            f"observed {o.output}: {c.rows:,} rows compared; estimated prompt tokens differ from the billed "
-            f"ones in {c.differing_rows:,}",
+            (
+                f"observed {o.output}: {c.rows:,} rows compared; estimated prompt tokens differ from the billed "
+                f"ones in {c.differing_rows:,}"
+            ),
             f"  cost of those rows: ${estimated_usd:,.4f} estimated, ${billed_usd:,.4f} billed"
             + ("" if pct is None else f" ({pct:+.2f} %)"),
         ]

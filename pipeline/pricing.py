@@ -57,7 +57,9 @@ def load_prices(path: Path = PRICES_FILE) -> PriceTable:
                 str(path),
             )
         except (KeyError, TypeError, ValueError) as err:
-            raise ConfigError(f"{path}: models.{model!r}: needs input_per_1m and output_per_1m ({err})") from None
+            raise ConfigError(
+                f"{path}: models.{model!r}: needs input_per_1m and output_per_1m ({err})"
+            ) from None
         if min(price.input_per_1m, price.output_per_1m) < 0 or not 0 <= price.batch_discount <= 1:
             raise ConfigError(f"{path}: models.{model!r}: prices must not be negative; batch_discount 0..1")
         prices[model] = price
@@ -72,7 +74,7 @@ def price_for(model: str, table: PriceTable) -> Price:
     name = model.lower()
     matches = [key for key in table.prices if name.startswith(key.lower())]
     if not matches:
-        raise ConfigError(f"no price for model {model!r}: add [models.\"{model}\"] to {table.file}")
+        raise ConfigError(f'no price for model {model!r}: add [models."{model}"] to {table.file}')
     return table.prices[max(matches, key=len)]
 
 
@@ -102,7 +104,9 @@ def price_for_run(cfg: RunConfig) -> Price:
 
 def cost_usd(prompt_tokens: float, completion_tokens: float, price: Price, *, batch: bool = False) -> float:
     """Dollars for these tokens (an expected count may be fractional); `batch`: the Batch API discount."""
-    dollars = (prompt_tokens * price.input_per_1m + completion_tokens * price.output_per_1m) / TOKENS_PER_PRICE_UNIT
+    dollars = (
+        prompt_tokens * price.input_per_1m + completion_tokens * price.output_per_1m
+    ) / TOKENS_PER_PRICE_UNIT
     return dollars * (1 - price.batch_discount) if batch else dollars
 
 

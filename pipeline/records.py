@@ -72,7 +72,9 @@ class FilterResult:
 
     @property
     def is_filtered(self) -> bool:
-        return any(c is not None and c.filtered for c in (self.hate, self.self_harm, self.sexual, self.violence))
+        return any(
+            c is not None and c.filtered for c in (self.hate, self.self_harm, self.sexual, self.violence)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +105,9 @@ class RunProgress:
     """How far a run has got: what the progress display and the metrics file read every few seconds."""
 
     elapsed_s: float
-    rows_total: int | None  # rows in the manifest (an upper bound for CSV/JSONL); None while counting, or a folder
+    rows_total: (
+        int | None
+    )  # rows in the manifest (an upper bound for CSV/JSONL); None while counting, or a folder
     rows_before: int  # rows with nothing to send: committed by an earlier run, or a repeated id
     rows_limit: int | None  # at most this many rows this run (--limit)
     ok: int  # rows finished by this run, by status

@@ -140,7 +140,8 @@ def thumbnail(ref: str | None, base_dir: Path | None) -> tuple[str | None, str |
             source: Path | io.BytesIO = io.BytesIO(base64.b64decode(ref.partition(",")[2]))
         else:
             source = Path(ref) if Path(ref).is_absolute() or base_dir is None else base_dir / ref
-        with Image.open(source) as im:
+        with Image.open(source) as opened:
+            im: Image.Image = opened
             im.draft("RGB", (2 * THUMBNAIL_PX, 2 * THUMBNAIL_PX))  # a JPEG decodes at 1/2…1/8 scale: fast
             im = ImageOps.exif_transpose(im).convert("RGB")
             im.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
@@ -251,7 +252,7 @@ def _summary(status: OutputStatus) -> str:
 def _last_run(run: Mapping[str, Any] | None) -> str:
     if not run:
         return '<section id="last-run"><h2>Last run</h2><p>No <code>_stats.json</code>: no run has finished here.</p></section>'
-    exit_code = run.get("exit_code")
+    exit_code = int(run.get("exit_code", -1))
     percentiles = run.get("latency_percentiles_s") or {}
     causes = run.get("retries_by_cause") or {}
     rows: list[tuple[str, str, str]] = [

@@ -23,6 +23,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
+
 import aiohttp
 
 from pipeline import checkpoint
@@ -169,7 +170,10 @@ async def _run_locked(cfg: RunConfig, options: RunOptions, key: str | None) -> R
     if resume.archived:
         log.warning("rows made with other settings moved to %s", resume.archived)
     if resume.compacted:
-        log.info("removed %d rows superseded by newer ones (an earlier run stopped before compacting)", resume.compacted)
+        log.info(
+            "removed %d rows superseded by newer ones (an earlier run stopped before compacting)",
+            resume.compacted,
+        )
     log.info(
         "run %s: %d rows already committed, %d failed rows to retry", run_id, len(resume.skip), resume.retrying,
         extra={"event": "run_started", "run_id": run_id, "manifest": str(options.manifest),
@@ -185,7 +189,9 @@ async def _run_locked(cfg: RunConfig, options: RunOptions, key: str | None) -> R
         reuse_freed_image_memory()
         image_pool = ThreadPoolExecutor(image_threads(cfg.images), thread_name_prefix="images")
         stack.callback(image_pool.shutdown, wait=True, cancel_futures=True)
-        stages = _Stages(cfg, options, client, Sink(options.output, cfg.output, run_id), resume.skip, image_pool)
+        stages = _Stages(
+            cfg, options, client, Sink(options.output, cfg.output, run_id), resume.skip, image_pool
+        )
         await stages.run()
     if resume.retrying and stages.stop_code != EXIT_OUTPUT_FAILED:
         superseded = await asyncio.to_thread(checkpoint.compact, options.output)
@@ -213,7 +219,12 @@ async def _run_locked(cfg: RunConfig, options: RunOptions, key: str | None) -> R
         latency_percentiles_s=latency_percentiles(tally.latencies_s),
     )
     stats = summary_as_dict(summary)
-    log.info("run %s finished with exit code %d", run_id, summary.exit_code, extra={"event": "run_finished", **stats})
+    log.info(
+        "run %s finished with exit code %d",
+        run_id,
+        summary.exit_code,
+        extra={"event": "run_finished", **stats},
+    )
     try:
         await asyncio.to_thread(write_json_atomic, options.output / STATS_FILE, stats)
     except OSError as err:
@@ -239,7 +250,13 @@ async def _start_emulator(cfg: RunConfig, key: str | None, stack: contextlib.Asy
 
     deployment = cfg.endpoint.deployment or "gpt-4-vision"
     emulator = await stack.enter_async_context(
-        Emulator(cfg.emulator, api_key=key or "", deployment=deployment, model=cfg.endpoint.model, keep_requests=False)
+        Emulator(
+            cfg.emulator,
+            api_key=key or "",
+            deployment=deployment,
+            model=cfg.endpoint.model,
+            keep_requests=False,
+        )
     )
     log.info("emulator listening on %s", emulator.url)
     endpoint = dataclasses.replace(cfg.endpoint, url=emulator.url, deployment=deployment)
@@ -269,7 +286,9 @@ class _Stages:
         self.base_dir = manifest_base_dir(options.manifest)
         self.model_in_body = cfg.endpoint.model if client.endpoint.sends_model else None
         self.tally = _Tally()
-        self.queue: asyncio.Queue[ImageTask | None] = asyncio.Queue(QUEUE_ROWS_PER_WORKER * cfg.limits.concurrency)
+        self.queue: asyncio.Queue[ImageTask | None] = asyncio.Queue(
+            QUEUE_ROWS_PER_WORKER * cfg.limits.concurrency
+        )
         self.stopping = asyncio.Event()  # a signal came: read no more rows
         self.tasks: list[asyncio.Task[None]] = []
         self.stopped_because: str | None = None
@@ -290,25 +309,43 @@ class _Stages:
         workers_done = asyncio.Event()
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self.sink.flush_every(self.cfg.output.flush_seconds, workers_done), name="flusher")
-                workers = [tg.create_task(self.work(), name=f"worker-{n}") for n in range(self.cfg.limits.concurrency)]
+                tg.create_task(
+                    self.sink.flush_every(self.cfg.output.flush_seconds, workers_done), name="flusher"
+                )
+                workers = [
+                    tg.create_task(self.work(), name=f"worker-{n}")
+                    for n in range(self.cfg.limits.concurrency)
+                ]
                 self.tasks = [*workers, tg.create_task(self.produce(), name="producer")]
-                counting = tg.create_task(self.count_total(), name="count-rows") if self.options.progress else None
+                counting = (
+                    tg.create_task(self.count_total(), name="count-rows") if self.options.progress else None
+                )
                 if self.options.progress:
                     tg.create_task(show_progress(self.progress, workers_done), name="progress")
                 if self.options.metrics_file is not None:
-                    tg.create_task(publish_metrics(self.options.metrics_file, self.progress, workers_done), name="metrics")
+                    tg.create_task(
+                        publish_metrics(self.options.metrics_file, self.progress, workers_done),
+                        name="metrics",
+                    )
                 await asyncio.wait(workers)
                 workers_done.set()
                 if counting is not None:
                     counting.cancel()  # a --limit run on a huge manifest does not wait for the count
         except* RunAborted as group:
-            log.error("run stopped: %s", group.exceptions[0], extra={"event": "run_stopped", "exit_code": EXIT_REFUSED})
+            log.error(
+                "run stopped: %s",
+                group.exceptions[0],
+                extra={"event": "run_stopped", "exit_code": EXIT_REFUSED},
+            )
             self.stop_code, self.stopped_because = EXIT_REFUSED, str(group.exceptions[0])
         except* OSError as group:
             self.output_failed(group.exceptions[0])
         except* ConfigError as group:  # the manifest turned out unreadable partway
-            log.error("run stopped: %s", group.exceptions[0], extra={"event": "run_stopped", "exit_code": EXIT_USAGE})
+            log.error(
+                "run stopped: %s",
+                group.exceptions[0],
+                extra={"event": "run_stopped", "exit_code": EXIT_USAGE},
+            )
             self.stop_code, self.stopped_because = EXIT_USAGE, str(group.exceptions[0])
         finally:
             for sig in signals:
@@ -339,7 +376,8 @@ class _Stages:
         grace_s = self.cfg.limits.grace_s
         log.warning(
             "%s: reading and sending no more rows; requests on the wire get %g s to finish, then commit",
-            signame, grace_s,
+            signame,
+            grace_s,
         )
         self.stopping.set()
         self.client.stop_sending()  # rows waiting for the budget or a retry would not finish in time
@@ -352,7 +390,9 @@ class _Stages:
 
     async def commit(self, result: VisionResult) -> None:
         self.tally.add(result)
-        log.debug("row %r: %s after %d attempts", result.task.row_id, result.error or result.status, result.attempts)
+        log.debug(
+            "row %r: %s after %d attempts", result.task.row_id, result.error or result.status, result.attempts
+        )
         await self.sink.put(result)
 
     def progress(self) -> RunProgress:
@@ -380,7 +420,10 @@ class _Stages:
         """The manifest's row total for the display, counted in a thread: no request waits for it."""
         try:
             self.rows_total = await asyncio.to_thread(count_rows, self.options.manifest)
-        except (ConfigError, OSError) as err:  # the producer reports an unreadable manifest; a total is optional
+        except (
+            ConfigError,
+            OSError,
+        ) as err:  # the producer reports an unreadable manifest; a total is optional
             log.debug("no row total for the progress display: %s", err)
 
     async def produce(self) -> None:
@@ -428,7 +471,9 @@ class _Stages:
             if (too_big := oversize_reason(estimated, cfg.request, cfg.limits)) is not None:
                 raise ApiError(task.row_id, too_big, status=None)  # the limiter could never admit it
             reserve = estimated + cfg.request.max_tokens
-            result = _answered(task, await self.client.caption(task, body, reserve), cfg, estimated, self.price)
+            result = _answered(
+                task, await self.client.caption(task, body, reserve), cfg, estimated, self.price
+            )
         except RunAborted:
             raise
         except NotSent:
@@ -437,7 +482,9 @@ class _Stages:
             result = _failed(task, err, cfg, estimated)
         except Exception as err:  # a surprise fails this row, not the run
             log.exception("row %r: unexpected error", task.row_id)
-            result = _failed(task, RowError(task.row_id, f"unexpected {type(err).__name__}: {err}"), cfg, estimated)
+            result = _failed(
+                task, RowError(task.row_id, f"unexpected {type(err).__name__}: {err}"), cfg, estimated
+            )
         return dataclasses.replace(
             result, started_at=started_at, finished_at=time.time(), latency_s=round(loop.time() - started, 4)
         )

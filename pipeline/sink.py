@@ -85,7 +85,8 @@ def _filter_value(result: FilterResult | None) -> dict[str, Any] | None:
         return None
     categories = {name: getattr(result, name) for name in FILTER_CATEGORIES}
     return {
-        name: None if c is None else {"filtered": c.filtered, "severity": c.severity} for name, c in categories.items()
+        name: None if c is None else {"filtered": c.filtered, "severity": c.severity}
+        for name, c in categories.items()
     }
 
 
@@ -172,7 +173,7 @@ class ParquetFileWriter:
     def write(self, table: pa.Table) -> None:
         """Append `table`'s rows (of this file's schema); the first call creates the temporary file."""
         if self._writer is None:
-            self._file = open(self.temp, "wb")
+            self._file = open(self.temp, "wb")  # noqa: SIM115  # open across write() calls; commit/discard close it
             self._writer = pq.ParquetWriter(self._file, self.schema, compression="zstd")
         self._writer.write_table(table)
 
@@ -271,7 +272,9 @@ class Sink:
     `put` may be called from many workers; parts are written in a thread so the loop never blocks.
     """
 
-    def __init__(self, output: Path, cfg: OutputConfig, run_id: str, extra_columns: Sequence[str] = ()) -> None:
+    def __init__(
+        self, output: Path, cfg: OutputConfig, run_id: str, extra_columns: Sequence[str] = ()
+    ) -> None:
         self.output = output
         self._cfg = cfg
         self._run_id = run_id

@@ -85,7 +85,8 @@ def format_status(status: OutputStatus) -> str:
         run = status.last_run
         lines.append(
             f"last run: {run.get('run_id')}, exit code {run.get('exit_code')}, {run.get('rows')} rows in "
-            f"{run.get('duration_s')} s" + (f", stopped: {run['stopped_because']}" if run.get("stopped_because") else "")
+            f"{run.get('duration_s')} s"
+            + (f", stopped: {run['stopped_because']}" if run.get("stopped_because") else "")
         )
     if status.failed:
         lines.append(f"failed rows ({status.failed_total}; `run --retry-failed` sends them again):")

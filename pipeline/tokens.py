@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import bpe_openai
@@ -95,7 +95,7 @@ def max_image_tokens(detail: str, model: str = "gpt-4-turbo") -> int:
     return image_tokens(HIGH_SHORT_SIDE_PX, HIGH_FIT_PX, detail, model)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _encoding(name: str) -> Any:
     return bpe_openai.get_encoding(name)  # ships its tables: works offline, unlike tiktoken
 
@@ -134,7 +134,9 @@ def count_prompt_tokens(
                 detail = str(part["image_url"].get("detail", "auto"))
                 size = image_sizes[images_seen]
                 images_seen += 1
-                total += max_image_tokens(detail, model) if size is None else image_tokens(*size, detail, model)
+                total += (
+                    max_image_tokens(detail, model) if size is None else image_tokens(*size, detail, model)
+                )
     if images_seen != len(image_sizes):
         raise ValueError("more image sizes than image parts")
     return total

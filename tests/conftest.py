@@ -62,8 +62,18 @@ def key_in_env(monkeypatch: pytest.MonkeyPatch) -> str:
 def azure_config(emulator: Emulator, **sections: dict[str, Any]) -> RunConfig:
     """A config for the Azure route of a running emulator, with fast retries; `sections` override."""
     raw: dict[str, dict[str, Any]] = {
-        "endpoint": {"provider": "azure", "url": emulator.url, "deployment": "vision", "api_key_env": KEY_ENV},
-        "limits": {"tokens_per_minute": 10_000_000, "concurrency": 4, "backoff_initial_s": 0.0, "max_attempts": 4},
+        "endpoint": {
+            "provider": "azure",
+            "url": emulator.url,
+            "deployment": "vision",
+            "api_key_env": KEY_ENV,
+        },
+        "limits": {
+            "tokens_per_minute": 10_000_000,
+            "concurrency": 4,
+            "backoff_initial_s": 0.0,
+            "max_attempts": 4,
+        },
         "output": {"rows_per_part": 2},
     }
     for name, values in sections.items():

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pyarrow.dataset as ds
-
 from conftest import azure_config, make_image, write_csv
+
 from pipeline.checkpoint import compact
 from pipeline.config import OutputConfig
 from pipeline.emulator import Fault
@@ -47,7 +47,9 @@ async def test_retry_failed_replaces_failed_rows_and_keeps_one_row_per_id(
     assert {r["status"] for r in rows} == {"ok"}
 
 
-async def test_new_run_sets_the_old_rows_aside_and_starts_afresh(tmp_path, emulator, images_manifest, key_in_env):
+async def test_new_run_sets_the_old_rows_aside_and_starts_afresh(
+    tmp_path, emulator, images_manifest, key_in_env
+):
     manifest = images_manifest(2)
     await run(azure_config(emulator), RunOptions(manifest, tmp_path / "out", handle_signals=False))
 
@@ -63,7 +65,9 @@ async def test_new_run_sets_the_old_rows_aside_and_starts_afresh(tmp_path, emula
 
 
 def result(row_id: str, status: str) -> VisionResult:
-    return VisionResult(ImageTask(row_id, ("a.png",), "p", "low", 1), status, "gpt-4", error=f"{row_id} failed")
+    return VisionResult(
+        ImageTask(row_id, ("a.png",), "p", "low", 1), status, "gpt-4", error=f"{row_id} failed"
+    )
 
 
 async def test_compact_keeps_the_newest_row_of_each_id(tmp_path):
@@ -85,8 +89,11 @@ async def test_status_lists_counts_and_failed_rows_with_reasons(tmp_path, emulat
     make_image(tmp_path / "a.png")
     manifest = write_csv(
         tmp_path / "m.csv",
-        [{"id": "good", "image": "a.png"}, {"id": "gone", "image": "missing.png"}, {"id": "f", "image": "a.png",
-                                                                                       "prompt": "[[filter]]"}],
+        [
+            {"id": "good", "image": "a.png"},
+            {"id": "gone", "image": "missing.png"},
+            {"id": "f", "image": "a.png", "prompt": "[[filter]]"},
+        ],
     )
     await run(azure_config(emulator), RunOptions(manifest, tmp_path / "out", handle_signals=False))
 
@@ -106,6 +113,7 @@ async def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_
     from pipeline.checkpoint import output_lock
     from pipeline.records import ConfigError
 
-    with output_lock(tmp_path / "out"):
-        with pytest.raises(ConfigError, match="another run is writing to it"):
-            await run(azure_config(emulator), RunOptions(images_manifest(1), tmp_path / "out", handle_signals=False))
+    with output_lock(tmp_path / "out"), pytest.raises(ConfigError, match="another run is writing to it"):
+        await run(
+            azure_config(emulator), RunOptions(images_manifest(1), tmp_path / "out", handle_signals=False)
+        )

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
-
 from conftest import KEY_ENV, TEST_KEY, make_image, write_csv
 
 CLI = [sys.executable, "-m", "pipeline"]
@@ -39,7 +38,9 @@ def emulator_url():
 
 
 def write_config(tmp_path: Path, url: str, **limits: object) -> Path:
-    limits_toml = "\n".join(f"{k} = {v}" for k, v in {"concurrency": 2, "backoff_initial_s": 0, **limits}.items())
+    limits_toml = "\n".join(
+        f"{k} = {v}" for k, v in {"concurrency": 2, "backoff_initial_s": 0, **limits}.items()
+    )
     path = tmp_path / "run.toml"
     path.write_text(
         f'[endpoint]\nprovider = "azure"\nurl = "{url}"\ndeployment = "vision"\napi_key_env = "{KEY_ENV}"\n'
@@ -56,7 +57,9 @@ def manifest_of(tmp_path: Path, rows: int) -> Path:
 
 def run_cli(*args: object, key: str = TEST_KEY, **kwargs) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, KEY_ENV: key}
-    return subprocess.run([*CLI, *map(str, args)], env=env, capture_output=True, text=True, timeout=60, **kwargs)
+    return subprocess.run(
+        [*CLI, *map(str, args)], check=False, env=env, capture_output=True, text=True, timeout=60, **kwargs
+    )
 
 
 def test_the_standalone_emulator_prints_its_address_first():
@@ -82,8 +85,13 @@ def test_a_refused_key_exits_3_within_seconds_naming_the_variable(tmp_path, emul
     started = time.monotonic()
 
     done = run_cli(
-        "run", write_config(tmp_path, emulator_url), "--manifest", manifest_of(tmp_path, 5),
-        "--output", tmp_path / "out", key="wrong-key",
+        "run",
+        write_config(tmp_path, emulator_url),
+        "--manifest",
+        manifest_of(tmp_path, 5),
+        "--output",
+        tmp_path / "out",
+        key="wrong-key",
     )
 
     assert done.returncode == 3 and time.monotonic() - started < 5
@@ -91,9 +99,21 @@ def test_a_refused_key_exits_3_within_seconds_naming_the_variable(tmp_path, emul
 
 
 def test_sigterm_exits_130_and_leaves_a_valid_dataset(tmp_path, emulator_url):
-    args = ["run", write_config(tmp_path, emulator_url), "--manifest", manifest_of(tmp_path, 30), "--output", tmp_path / "out"]
-    proc = subprocess.Popen([*CLI, *map(str, args)], env={**os.environ, KEY_ENV: TEST_KEY}, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    args = [
+        "run",
+        write_config(tmp_path, emulator_url),
+        "--manifest",
+        manifest_of(tmp_path, 30),
+        "--output",
+        tmp_path / "out",
+    ]
+    proc = subprocess.Popen(
+        [*CLI, *map(str, args)],
+        env={**os.environ, KEY_ENV: TEST_KEY},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 20
     while not list((tmp_path / "out").glob("part-*.parquet")) and time.monotonic() < deadline:
         time.sleep(0.05)  # waiting on another process: there is nothing to await
@@ -117,9 +137,17 @@ def test_an_output_that_cannot_be_written_exits_4_and_keeps_what_was_committed(t
     config = write_config(tmp_path, emulator_url)
     manifest = manifest_of(tmp_path, 3)
     run_cli("run", config, "--manifest", manifest, "--output", tmp_path / "out", "--limit", "1")
-    write_csv(tmp_path / "m.csv", [{"id": f"r{i}", "image": f"img{i}.png", "pad": base64.b64encode(os.urandom(30_000)).decode()} for i in range(3)])
+    write_csv(
+        tmp_path / "m.csv",
+        [
+            {"id": f"r{i}", "image": f"img{i}.png", "pad": base64.b64encode(os.urandom(30_000)).decode()}
+            for i in range(3)
+        ],
+    )
 
-    done = run_cli("run", config, "--manifest", manifest, "--output", tmp_path / "out", preexec_fn=_limit_file_size)
+    done = run_cli(
+        "run", config, "--manifest", manifest, "--output", tmp_path / "out", preexec_fn=_limit_file_size
+    )
 
     assert done.returncode == 4, done.stderr
     assert "cannot write to" in done.stdout
@@ -134,7 +162,14 @@ def stats_of(output: Path) -> dict:
 
 
 def test_every_row_ok_exits_0_and_stats_say_so(tmp_path, emulator_url):
-    done = run_cli("run", write_config(tmp_path, emulator_url), "--manifest", manifest_of(tmp_path, 3), "--output", tmp_path / "out")
+    done = run_cli(
+        "run",
+        write_config(tmp_path, emulator_url),
+        "--manifest",
+        manifest_of(tmp_path, 3),
+        "--output",
+        tmp_path / "out",
+    )
 
     assert done.returncode == 0, done.stderr
     assert stats_of(tmp_path / "out")["exit_code"] == 0
@@ -145,7 +180,9 @@ def test_a_row_in_error_exits_1_and_stats_say_so(tmp_path, emulator_url):
     with open(manifest, "a", encoding="utf-8") as f:
         f.write("gone,nowhere.png\n")
 
-    done = run_cli("run", write_config(tmp_path, emulator_url), "--manifest", manifest, "--output", tmp_path / "out")
+    done = run_cli(
+        "run", write_config(tmp_path, emulator_url), "--manifest", manifest, "--output", tmp_path / "out"
+    )
 
     assert done.returncode == 1, done.stderr
     assert stats_of(tmp_path / "out")["exit_code"] == 1 and stats_of(tmp_path / "out")["counts"]["error"] == 1

@@ -24,7 +24,9 @@ def headers(**values: str) -> CIMultiDict[str]:
 
 
 def test_azure_endpoint_puts_the_deployment_in_the_url_and_the_key_in_api_key():
-    cfg = EndpointConfig(provider="azure", url="https://res.openai.azure.com/", deployment="vis", api_key_env="K")
+    cfg = EndpointConfig(
+        provider="azure", url="https://res.openai.azure.com/", deployment="vis", api_key_env="K"
+    )
 
     endpoint = endpoint_for(cfg, "secret")
 
@@ -49,7 +51,10 @@ def test_openai_compatible_server_without_a_key_gets_no_auth_header():
 
 def test_body_has_system_prompt_text_images_with_detail_and_max_tokens():
     task = ImageTask("a", ("a.jpg", "b.jpg"), "What is this?", "low", 1)
-    images = [PreparedImage("data:image/jpeg;base64,AAAA", 1, 1), PreparedImage("https://x/b.jpg", None, None)]
+    images = [
+        PreparedImage("data:image/jpeg;base64,AAAA", 1, 1),
+        PreparedImage("https://x/b.jpg", None, None),
+    ]
 
     body = build_body(task, images, RequestConfig(system_prompt="Sys", max_tokens=50), model=None)
 
@@ -93,7 +98,9 @@ def test_retry_after_ms_wins_over_retry_after():
 
 def test_retry_after_accepts_seconds_and_http_dates():
     assert retry_after_s(headers(retry_after="7"), now=NOW) == 7
-    assert retry_after_s(headers(retry_after="Tue, 14 Nov 2023 22:13:30 GMT"), now=NOW) == pytest.approx(10, abs=1)
+    assert retry_after_s(headers(retry_after="Tue, 14 Nov 2023 22:13:30 GMT"), now=NOW) == pytest.approx(
+        10, abs=1
+    )
 
 
 def test_openai_reset_headers_are_read_when_no_retry_after():

@@ -26,7 +26,10 @@ def test_an_unknown_key_is_named_with_its_file(tmp_path):
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"request": {"detail": "medium"}}, r"request\.detail = 'medium': must be one of low \| high \| auto"),
+        (
+            {"request": {"detail": "medium"}},
+            r"request\.detail = 'medium': must be one of low \| high \| auto",
+        ),
         ({"limits": {"concurrency": "8"}}, r"limits\.concurrency = '8': must be a whole number"),
         ({"limits": {"concurrency": 0}}, r"limits\.concurrency = 0: must be greater than 0"),
         ({"endpoint": {"provider": "azure", "url": "https://x"}}, r"endpoint\.deployment is required"),
@@ -40,7 +43,9 @@ def test_bad_values_are_refused_naming_the_setting(raw, message):
 
 
 def test_environment_overrides_the_file_and_is_validated():
-    cfg = config_from_mapping({"limits": {"concurrency": 3}}, environ={"VISION_PIPELINE_LIMITS_CONCURRENCY": "5"})
+    cfg = config_from_mapping(
+        {"limits": {"concurrency": 3}}, environ={"VISION_PIPELINE_LIMITS_CONCURRENCY": "5"}
+    )
 
     assert cfg.limits.concurrency == 5
     with pytest.raises(ConfigError, match="VISION_PIPELINE_LIMITS_CONCURRENCY"):

@@ -275,19 +275,32 @@ IMAGE_PART = {"type": "image_url", "image_url": {"url": "https://x/a.png"}}
     [
         ({"max_tokens": 10}, "messages"),
         (_with(chat_body(), ("messages", 1, "role"), "robot"), "messages.[1].role"),
-        (_with(chat_body("https://x/a.png"), ("messages", 1, "content", 1, "image_url", "detail"), "medium"),
-         "messages.[1].content.[1].image_url.detail"),
+        (
+            _with(
+                chat_body("https://x/a.png"), ("messages", 1, "content", 1, "image_url", "detail"), "medium"
+            ),
+            "messages.[1].content.[1].image_url.detail",
+        ),
         (_with(chat_body(), ("max_tokens",), 0), "max_tokens"),
         (_with(chat_body(), ("max_tokens",), "100"), "max_tokens"),
         (chat_body("ftp://x/a.png"), "messages.[1].content.[1].image_url.url"),
         (chat_body("data:image/png;base64,aGVsbG8="), "messages.[1].content.[1].image_url.url"),
         (chat_body("data:image/png;base64,not base64!"), "messages.[1].content.[1].image_url.url"),
-        (_with(chat_body(), ("messages", 0, "content"), [IMAGE_PART]),
-         "messages.[0].content.[0]"),
+        (_with(chat_body(), ("messages", 0, "content"), [IMAGE_PART]), "messages.[0].content.[0]"),
         (_with(chat_body(), ("messages", 1, "content"), 42), "messages.[1].content"),
     ],
-    ids=["no-messages", "bad-role", "bad-detail", "zero-max-tokens", "string-max-tokens", "ftp-url",
-         "not-an-image", "bad-base64", "image-in-system", "content-not-a-list"],
+    ids=[
+        "no-messages",
+        "bad-role",
+        "bad-detail",
+        "zero-max-tokens",
+        "string-max-tokens",
+        "ftp-url",
+        "not-an-image",
+        "bad-base64",
+        "image-in-system",
+        "content-not-a-list",
+    ],
 )
 async def test_a_body_the_service_would_refuse_is_400_naming_the_parameter(emu, session, body, param):
     status, answer, _ = await post_azure(session, emu, body)

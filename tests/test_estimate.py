@@ -16,10 +16,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
+from conftest import azure_config, make_image, write_csv
 from hypothesis import given
 from hypothesis import strategies as st
-
-from conftest import azure_config, make_image, write_csv
 
 import pipeline.images
 from pipeline.config import RunConfig, config_from_mapping, load_config
@@ -410,7 +409,7 @@ def test_estimate_json_on_sample_data_follows_the_documented_schema():
         "--json",
     ]
 
-    done = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    done = subprocess.run(args, check=False, capture_output=True, text=True, timeout=60, cwd=ROOT)
 
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
@@ -449,6 +448,7 @@ def test_an_unknown_model_exits_2_with_one_line_naming_the_price_file(tmp_path):
 
     done = subprocess.run(
         [*CLI, "estimate", tmp_path / "llava.toml", "--manifest", SAMPLE_MANIFEST],
+        check=False,
         capture_output=True,
         text=True,
         timeout=60,

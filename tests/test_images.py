@@ -261,7 +261,13 @@ def test_png_named_jpg_is_sent_from_its_bytes_when_extensions_need_not_match(tmp
 
 @pytest.mark.parametrize(
     ("name", "save_as"),
-    [("no_extension", "PNG"), ("photo.JPEG", "JPEG"), ("stereo.jpg", "MPO"), ("scan.tif", "TIFF"), ("x.data", "PNG")],
+    [
+        ("no_extension", "PNG"),
+        ("photo.JPEG", "JPEG"),
+        ("stereo.jpg", "MPO"),
+        ("scan.tif", "TIFF"),
+        ("x.data", "PNG"),
+    ],
 )
 def test_an_extension_that_agrees_or_names_no_image_format_is_accepted(tmp_path, name, save_as):
     Image.new("RGB", (100, 80), RED).save(tmp_path / name, save_as)
@@ -485,7 +491,9 @@ def test_reasons_for_damaged_images_are_the_same_when_prepared_in_parallel(tmp_p
         together = list(pool.map(outcome, names))
 
     assert together == alone
-    assert all("truncated" in reason for name, reason in zip(names, alone, strict=True) if name.startswith("cut"))
+    assert all(
+        "truncated" in reason for name, reason in zip(names, alone, strict=True) if name.startswith("cut")
+    )
 
 
 def test_a_file_name_that_is_not_utf8_is_read_all_the_same(tmp_path):

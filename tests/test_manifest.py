@@ -400,7 +400,10 @@ def test_rows_whose_id_is_in_skip_come_as_markers_without_parsing(tmp_path):
     """A resumed run does not parse the rows it will not send (their bad cells included)."""
     from pipeline.manifest import Skipped
 
-    path = write_csv(tmp_path / "m.csv", [["id", "image", "detail"], ["done", "a.png", "not-a-detail"], ["new", "b.png", ""]])
+    path = write_csv(
+        tmp_path / "m.csv",
+        [["id", "image", "detail"], ["done", "a.png", "not-a-detail"], ["new", "b.png", ""]],
+    )
 
     items = list(read_manifest(path, RequestConfig(), skip={"done"}))
 

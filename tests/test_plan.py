@@ -54,7 +54,9 @@ def test_a_run_fits_a_window_or_says_it_does_not():
     fits = plan_duration(1_000, 1_100_000, cfg, window_h=6.0, latency_s=None)
     too_long = plan_duration(10_000, 11_000_000, cfg, window_h=6.0, latency_s=None)
 
-    assert fits.rows_per_window_by_tokens == 3 and fits.fits_window is True  # 5000 / 1400 per window of WINDOW_S + WINDOW_SLACK_S
+    assert (
+        fits.rows_per_window_by_tokens == 3 and fits.fits_window is True
+    )  # 5000 / 1400 per window of WINDOW_S + WINDOW_SLACK_S
     assert too_long.fits_window is False and too_long.duration_h == pytest.approx(
         10_000 / (3 * 60 / (WINDOW_S + WINDOW_SLACK_S)) / 60
     )

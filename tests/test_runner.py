@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
-
 from conftest import KEY_ENV, TEST_KEY, azure_config, make_image, with_limits, write_csv
+
 import pipeline.runner
 from pipeline.emulator import FILTER_MARKER, FINISH_OBJECT_MARKER, Fault
 from pipeline.images import prepare_image
@@ -44,9 +44,13 @@ async def test_every_row_is_captioned_once_with_usage_and_filter_results(
     assert row["cost_usd"] > 0 and row["attempts"] == 1 and row["http_status"] == 200
 
 
-async def test_the_openai_route_sends_the_model_and_a_bearer_key(tmp_path, emulator, images_manifest, key_in_env):
+async def test_the_openai_route_sends_the_model_and_a_bearer_key(
+    tmp_path, emulator, images_manifest, key_in_env
+):
     manifest = images_manifest(1)
-    cfg = azure_config(emulator, endpoint={"provider": "openai", "url": emulator.url + "/v1", "model": "gpt-4o"})
+    cfg = azure_config(
+        emulator, endpoint={"provider": "openai", "url": emulator.url + "/v1", "model": "gpt-4o"}
+    )
 
     summary = await run(cfg, RunOptions(manifest, tmp_path / "out", handle_signals=False))
 
@@ -72,7 +76,9 @@ async def test_a_filtered_prompt_is_recorded_as_filtered_and_not_retried(
     assert len(emulator.requests) == 1
 
 
-async def test_finish_reason_in_object_form_is_stored_as_a_string(tmp_path, emulator, images_manifest, key_in_env):
+async def test_finish_reason_in_object_form_is_stored_as_a_string(
+    tmp_path, emulator, images_manifest, key_in_env
+):
     manifest = images_manifest(1, prompt=f"Describe {FINISH_OBJECT_MARKER}")
 
     await run(azure_config(emulator), RunOptions(manifest, tmp_path / "out", handle_signals=False))
@@ -90,7 +96,9 @@ async def test_a_5xx_is_retried_then_the_row_is_ok(tmp_path, emulator, images_ma
     assert row["status"] == "ok" and row["attempts"] == 4
 
 
-async def test_a_row_out_of_attempts_is_an_error_with_the_last_reason(tmp_path, emulator, images_manifest, key_in_env):
+async def test_a_row_out_of_attempts_is_an_error_with_the_last_reason(
+    tmp_path, emulator, images_manifest, key_in_env
+):
     manifest = images_manifest(1)
     emulator.script(*[Fault(status=500)] * 4)
 
@@ -213,7 +221,8 @@ async def test_after_sigterm_no_request_is_started_and_rows_waiting_for_the_quot
         stopped = loop.time()
         sent_before_rerun = len(slow.requests)
         second = await run(
-            with_limits(cfg, requests_per_minute=6000), RunOptions(manifest, tmp_path / "out", handle_signals=False)
+            with_limits(cfg, requests_per_minute=6000),
+            RunOptions(manifest, tmp_path / "out", handle_signals=False),
         )
 
     assert first.exit_code == EXIT_INTERRUPTED and first.rows >= 1 and stopped - signalled < 1.0
@@ -245,7 +254,9 @@ async def test_a_row_waiting_to_retry_when_sigterm_comes_is_left_for_the_rerun_a
     assert second.exit_code == EXIT_OK and len(rows_by_id(tmp_path / "out")) == 1
 
 
-async def test_a_refused_key_stops_the_run_naming_the_setting(tmp_path, emulator, images_manifest, monkeypatch):
+async def test_a_refused_key_stops_the_run_naming_the_setting(
+    tmp_path, emulator, images_manifest, monkeypatch
+):
     monkeypatch.setenv(KEY_ENV, "wrong-key")
     manifest = images_manifest(20)
 
@@ -276,7 +287,9 @@ async def test_the_key_appears_in_no_output_file(tmp_path, emulator, images_mani
     assert b"base64," not in b"".join(p.read_bytes() for p in (tmp_path / "out").iterdir())
 
 
-async def test_a_429_with_retry_after_ms_pauses_every_worker_that_long(tmp_path, emulator, images_manifest, key_in_env):
+async def test_a_429_with_retry_after_ms_pauses_every_worker_that_long(
+    tmp_path, emulator, images_manifest, key_in_env
+):
     manifest = images_manifest(6)
     emulator.script(Fault(status=429, headers={"retry-after-ms": "1500"}))
 
@@ -290,16 +303,22 @@ async def test_a_429_with_retry_after_ms_pauses_every_worker_that_long(tmp_path,
     assert len(after) > len(in_flight_already)
 
 
-async def test_a_429_asking_for_a_day_stops_the_run_without_spinning(tmp_path, emulator, images_manifest, key_in_env):
+async def test_a_429_asking_for_a_day_stops_the_run_without_spinning(
+    tmp_path, emulator, images_manifest, key_in_env
+):
     emulator.script(*[Fault(status=429, headers={"retry-after": "86400"})] * 4)
 
-    summary = await run(azure_config(emulator), RunOptions(images_manifest(10), tmp_path / "out", handle_signals=False))
+    summary = await run(
+        azure_config(emulator), RunOptions(images_manifest(10), tmp_path / "out", handle_signals=False)
+    )
 
     assert summary.exit_code == EXIT_REFUSED and "max_retry_after_s" in summary.stopped_because
     assert len(emulator.requests) <= 4
 
 
-async def test_a_request_above_the_minute_budget_is_never_sent(tmp_path, emulator, images_manifest, key_in_env):
+async def test_a_request_above_the_minute_budget_is_never_sent(
+    tmp_path, emulator, images_manifest, key_in_env
+):
     cfg = azure_config(emulator, limits={"tokens_per_minute": 300}, request={"max_tokens": 300})
 
     summary = await run(cfg, RunOptions(images_manifest(2), tmp_path / "out", handle_signals=False))
@@ -321,14 +340,18 @@ async def test_estimated_prompt_tokens_equal_the_billed_ones(tmp_path, emulator,
 
     await run(azure_config(emulator), RunOptions(manifest, tmp_path / "out", handle_signals=False))
 
-    table = read_output(tmp_path / "out", ["id", "status", "prompt_tokens", "estimated_prompt_tokens"]).to_pylist()
+    table = read_output(
+        tmp_path / "out", ["id", "status", "prompt_tokens", "estimated_prompt_tokens"]
+    ).to_pylist()
     assert len(table) == len(rows)
     for row in table:
         assert row["status"] == "ok", row
         assert row["estimated_prompt_tokens"] == row["prompt_tokens"], row["id"]
 
 
-async def test_a_changed_prompt_against_an_existing_output_is_refused(tmp_path, emulator, images_manifest, key_in_env):
+async def test_a_changed_prompt_against_an_existing_output_is_refused(
+    tmp_path, emulator, images_manifest, key_in_env
+):
     from pipeline.records import ConfigError
 
     manifest = images_manifest(1)
@@ -361,7 +384,10 @@ async def test_stats_json_matches_the_parquet_and_counts_retries_by_cause(tmp_pa
 
     for i in range(8):
         make_image(tmp_path / "images" / f"img{i}.png")
-    rows = [*({"id": f"row-{i}", "image": f"images/img{i}.png"} for i in range(8)), {"id": "missing", "image": "gone.png"}]
+    rows = [
+        *({"id": f"row-{i}", "image": f"images/img{i}.png"} for i in range(8)),
+        {"id": "missing", "image": "gone.png"},
+    ]
     manifest = write_csv(tmp_path / "manifest.csv", rows)
     emulator.script(
         Fault(status=429, headers={"retry-after-ms": "10"}), Fault(status=500), Fault(drop=True),
@@ -381,12 +407,22 @@ async def test_stats_json_matches_the_parquet_and_counts_retries_by_cause(tmp_pa
     assert stats["completion_tokens"] == sum(r["completion_tokens"] or 0 for r in rows)
     assert stats["cost_usd"] == pytest.approx(sum(r["cost_usd"] or 0 for r in rows), abs=1e-6)
     assert stats["retries"] == sum(max(0, r["attempts"] - 1) for r in rows) == 5
-    assert stats["retries_by_cause"] == {"bad_body": 1, "connection": 1, "http_429": 1, "http_5xx": 1, "timeout": 1}
+    assert stats["retries_by_cause"] == {
+        "bad_body": 1,
+        "connection": 1,
+        "http_429": 1,
+        "http_5xx": 1,
+        "timeout": 1,
+    }
     assert stats["http_429s"] == 1 and stats["pauses"] == 1 and stats["paused_s"] > 0
     assert stats["rows_per_s"] == pytest.approx(len(rows) / stats["duration_s"], rel=0.01)
     quantiles = pc.quantile(table.column("latency_s"), q=[0.5, 0.9, 0.99]).to_pylist()
-    assert [stats["latency_percentiles_s"][p] for p in ("p50", "p90", "p99")] == pytest.approx(quantiles, abs=1e-4)
-    assert stats["latency_percentiles_s"]["p99"] > stats["latency_percentiles_s"]["p50"] + 0.2  # the timed-out row
+    assert [stats["latency_percentiles_s"][p] for p in ("p50", "p90", "p99")] == pytest.approx(
+        quantiles, abs=1e-4
+    )
+    assert (
+        stats["latency_percentiles_s"]["p99"] > stats["latency_percentiles_s"]["p50"] + 0.2
+    )  # the timed-out row
 
 
 async def test_prices_set_in_the_config_price_the_rows(tmp_path, emulator, images_manifest, key_in_env):

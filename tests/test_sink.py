@@ -86,7 +86,10 @@ async def test_parts_with_different_extra_columns_read_back_together(tmp_path):
     await sink.put(result("b", camera="x100"))
 
     table = read_output(tmp_path)
-    assert dict(zip(table.column("id").to_pylist(), table.column("camera").to_pylist())) == {"a": None, "b": "x100"}
+    assert dict(zip(table.column("id").to_pylist(), table.column("camera").to_pylist())) == {
+        "a": None,
+        "b": "x100",
+    }
 
 
 async def test_rows_put_while_a_part_is_written_wait_for_the_next_full_part(tmp_path):

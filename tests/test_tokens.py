@@ -69,9 +69,17 @@ def test_prompt_tokens_add_text_overhead_and_images():
 
 
 def test_an_image_of_unknown_size_counts_at_its_most():
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x", "detail": "low"}}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": "https://x", "detail": "low"}}],
+        }
+    ]
 
-    assert count_prompt_tokens(messages, [None]) - count_prompt_tokens([{"role": "user", "content": []}], []) == 85
+    assert (
+        count_prompt_tokens(messages, [None]) - count_prompt_tokens([{"role": "user", "content": []}], [])
+        == 85
+    )
 
 
 def test_image_sizes_must_match_image_parts():

@@ -50,6 +50,8 @@ class QuotaWindow:
     def remaining_headers(self, now: float) -> dict[str, str]:
         """What is left in the window, scaled per minute as Azure reports it."""
         self._expire(now)
-        left = {"x-ratelimit-remaining-requests": self.request_limit - len(self._charges),
-                "x-ratelimit-remaining-tokens": self.token_limit - self._tokens}
+        left = {
+            "x-ratelimit-remaining-requests": self.request_limit - len(self._charges),
+            "x-ratelimit-remaining-tokens": self.token_limit - self._tokens,
+        }
         return {name: str(max(0, int(n * WINDOWS_PER_MINUTE))) for name, n in left.items() if n != math.inf}

@@ -30,7 +30,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal, TypeVar
+from typing import IO, Literal, Self, TypeVar
 
 from aiohttp import web
 
@@ -121,7 +121,6 @@ class EmulatorStats:
     completion_tokens: int = 0
 
 
-
 @dataclass(frozen=True, slots=True)
 class _Answer:
     status: int
@@ -131,9 +130,6 @@ class _Answer:
     drop: bool = False
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
-
-
-
 
 
 async def _maybe_in_thread(in_thread: bool, fn: Callable[..., T], *args: object) -> T:
@@ -150,7 +146,7 @@ class Emulator:
 
     def __init__(
         self,
-        cfg: EmulatorConfig = EmulatorConfig(),
+        cfg: EmulatorConfig | None = None,
         *,
         api_key: str = "emulator",
         deployment: str = "gpt-4-vision",
@@ -159,6 +155,7 @@ class Emulator:
         keep_requests: bool = True,
         keep_bodies: bool = True,
     ) -> None:
+        cfg = cfg or EmulatorConfig()
         self.cfg, self.api_key, self.deployment, self.model = cfg, api_key, deployment, model
         # Tests and benchmarks read every request back from .requests; a server that runs for hours or
         # serves a whole run passes keep_requests=False and keeps the counters only (a high-detail
@@ -212,7 +209,7 @@ class Emulator:
                 self._request_log.close()
                 self._request_log = None
 
-    async def __aenter__(self) -> Emulator:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -267,14 +264,18 @@ class Emulator:
             model = self.model if route == "azure" else None  # OpenAI: the body names the model
             prompt = await _maybe_in_thread(in_thread, inspect_body, body, model)
         except Invalid as err:
-            return _Answer(400, error_body(err.code, err.message, param=err.param, type="invalid_request_error"))
+            return _Answer(
+                400, error_body(err.code, err.message, param=err.param, type="invalid_request_error")
+            )
         if self._window is not None:
             now = asyncio.get_running_loop().time()
             if refused := self._window.try_charge(now, prompt.prompt_tokens + prompt.max_tokens):
                 wait_s, limit = refused
                 message = _QUOTA_429.format(limit=limit, wait_s=math.ceil(wait_s))
-                headers = {"retry-after-ms": str(math.ceil(wait_s * 1000)),
-                           "retry-after": str(math.ceil(wait_s))}
+                headers = {
+                    "retry-after-ms": str(math.ceil(wait_s * 1000)),
+                    "retry-after": str(math.ceil(wait_s)),
+                }
                 return _Answer(429, error_body("429", message), headers)
         # Two draws per request in a fixed order, so a seed replays the same faults for the same arrivals.
         delay_s = self.cfg.latency_s * self._rng.uniform(1 - LATENCY_JITTER, 1 + LATENCY_JITTER)
@@ -288,16 +289,29 @@ class Emulator:
         self._answered += 1
         completion = completion_body(prompt, f"chatcmpl-{prompt.seed:016x}{self._answered:013x}")
         usage = completion["usage"]
-        return _Answer(200, completion, delay_s=delay_s, prompt_tokens=usage["prompt_tokens"],
-                       completion_tokens=usage["completion_tokens"])
+        return _Answer(
+            200,
+            completion,
+            delay_s=delay_s,
+            prompt_tokens=usage["prompt_tokens"],
+            completion_tokens=usage["completion_tokens"],
+        )
 
     def _record(self, request: web.Request, at: float, route: Route, body: object, answer: _Answer) -> None:
         """Keep what was seen, count it, and log it before the answer leaves."""
         status = DROPPED if answer.drop else answer.status
         headers = {k: "<redacted>" if k.lower() in _SECRET_HEADERS else v for k, v in request.headers.items()}
         kept_body = body if self.keep_bodies and body is not NOT_JSON else None
-        seen = ReceivedRequest(at, route, headers, kept_body, user_text(body), status,
-                               answer.prompt_tokens, answer.completion_tokens)
+        seen = ReceivedRequest(
+            at,
+            route,
+            headers,
+            kept_body,
+            user_text(body),
+            status,
+            answer.prompt_tokens,
+            answer.completion_tokens,
+        )
         if self.keep_requests:
             self.requests.append(seen)
         self.stats.requests += 1
@@ -307,8 +321,14 @@ class Emulator:
         if self._request_log is not None:
             # Written in the loop on purpose: a short append that must reach the OS before the answer
             # leaves, so a client killed after reading an answer never finds that answer unlogged.
-            line = {"at": at, "route": route, "status": status, "prompt_text": seen.prompt_text,
-                    "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens}
+            line = {
+                "at": at,
+                "route": route,
+                "status": status,
+                "prompt_text": seen.prompt_text,
+                "prompt_tokens": answer.prompt_tokens,
+                "completion_tokens": answer.completion_tokens,
+            }
             self._request_log.write(json.dumps(line) + "\n")
             self._request_log.flush()
 

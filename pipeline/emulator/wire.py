@@ -16,7 +16,7 @@ import random
 import re
 import time
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from io import BytesIO
 from typing import Any
 
@@ -166,16 +166,37 @@ def inspect_body(body: object, default_model: str | None) -> Prompt:
     return Prompt(model, text, sizes, prompt_tokens, max_tokens, int.from_bytes(digest.digest()[:8], "big"))
 
 
-_SUBJECTS = ("a weathered wooden boat", "two children on bicycles", "a tabby cat asleep on a windowsill",
-             "an old stone bridge", "a bowl of ripe lemons", "a lighthouse", "a crowded market stall",
-             "a red tram", "a field of sunflowers", "a kitchen table set for breakfast")
-_SETTINGS = ("in soft morning light", "under a grey sky", "beside a narrow canal", "at dusk",
-             "against a plain white wall", "on a quiet street", "after the rain")
-_REMARKS = ("The colours are muted and warm.", "Shadows fall to the left, suggesting late afternoon.",
-            "The focus is sharp in the centre and softens toward the edges.",
-            "Nothing in the frame appears to be moving.", "A few details are too small to make out.",
-            "The composition leaves generous empty space at the top.",
-            "Textures of wood, stone and fabric are clearly visible.", "There is no visible text.")
+_SUBJECTS = (
+    "a weathered wooden boat",
+    "two children on bicycles",
+    "a tabby cat asleep on a windowsill",
+    "an old stone bridge",
+    "a bowl of ripe lemons",
+    "a lighthouse",
+    "a crowded market stall",
+    "a red tram",
+    "a field of sunflowers",
+    "a kitchen table set for breakfast",
+)
+_SETTINGS = (
+    "in soft morning light",
+    "under a grey sky",
+    "beside a narrow canal",
+    "at dusk",
+    "against a plain white wall",
+    "on a quiet street",
+    "after the rain",
+)
+_REMARKS = (
+    "The colours are muted and warm.",
+    "Shadows fall to the left, suggesting late afternoon.",
+    "The focus is sharp in the centre and softens toward the edges.",
+    "Nothing in the frame appears to be moving.",
+    "A few details are too small to make out.",
+    "The composition leaves generous empty space at the top.",
+    "Textures of wood, stone and fabric are clearly visible.",
+    "There is no visible text.",
+)
 
 
 def _describe(prompt: Prompt) -> str:
@@ -192,7 +213,7 @@ def _describe(prompt: Prompt) -> str:
     return " ".join(" ".join(sentences).split()[:wanted]).rstrip(".,;") + "."
 
 
-@lru_cache(maxsize=None)
+@cache
 def _encoding(name: str) -> Any:
     return bpe_openai.get_encoding(name)
 
@@ -200,7 +221,7 @@ def _encoding(name: str) -> Any:
 def completion_body(prompt: Prompt, response_id: str) -> dict[str, Any]:
     """The reference's 200 body, cut at max_tokens (finish_reason "length") as the service cuts it."""
     content: str | None = _describe(prompt)
-    completion_tokens = tokens.text_tokens(content, prompt.model)
+    completion_tokens = tokens.text_tokens(content or "", prompt.model)
     finish_reason: object = "stop"
     if completion_tokens > prompt.max_tokens:
         encoding = _encoding(tokens.model_family(prompt.model).encoding)
@@ -213,8 +234,12 @@ def completion_body(prompt: Prompt, response_id: str) -> dict[str, Any]:
     elif FINISH_OBJECT_MARKER in prompt.prompt_text and finish_reason == "stop":  # the reference's 2nd sample
         finish_reason = {"type": "stop", "stop": "<|fim_suffix|>"}
     message = {"role": "assistant", "content": content}
-    choice = {"index": 0, "finish_reason": finish_reason, "message": message,
-              "content_filter_results": completion_filter}
+    choice = {
+        "index": 0,
+        "finish_reason": finish_reason,
+        "message": message,
+        "content_filter_results": completion_filter,
+    }
     return {
         "id": response_id,
         "object": "chat.completion",
@@ -222,8 +247,11 @@ def completion_body(prompt: Prompt, response_id: str) -> dict[str, Any]:
         "model": prompt.model,
         "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": dict(_SAFE)}],
         "choices": [choice],
-        "usage": {"prompt_tokens": prompt.prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt.prompt_tokens + completion_tokens},
+        "usage": {
+            "prompt_tokens": prompt.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt.prompt_tokens + completion_tokens,
+        },
     }
 
 
@@ -241,4 +269,6 @@ def filtered_prompt_body() -> dict[str, Any]:
     """Azure's 400 for a prompt its content filter rejects."""
     result: dict[str, Any] = {**_SAFE, "violence": {"filtered": True, "severity": "high"}}
     inner = {"code": "ResponsibleAIPolicyViolation", "content_filter_result": result}
-    return error_body("content_filter", _FILTERED_400, type=None, param="prompt", status=400, innererror=inner)
+    return error_body(
+        "content_filter", _FILTERED_400, type=None, param="prompt", status=400, innererror=inner
+    )
