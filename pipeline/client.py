@@ -28,6 +28,7 @@ from pipeline.records import (
     FILTER_CATEGORIES,
     ApiError,
     CategoryFilter,
+    ErrorKind,
     FilterResult,
     ImageTask,
     NotSent,
@@ -358,6 +359,7 @@ class Client:
                     task.row_id,
                     last_reason,
                     status=last_status,
+                    kind=ErrorKind.HTTP_4XX,
                     code=error_code(reply.body),
                     attempts=attempt,
                 )
@@ -385,6 +387,7 @@ class Client:
             task.row_id,
             f"gave up after {cfg.max_attempts} attempts; last: {last_reason}",
             status=last_status,
+            kind=ErrorKind.RETRIES_EXHAUSTED,
             attempts=cfg.max_attempts,
         )
 

@@ -32,7 +32,7 @@ import pyarrow as pa
 from pipeline.client import build_body, endpoint_for, oversize_reason
 from pipeline.config import RunConfig
 from pipeline.images import SUPPORTED_NAMES, measure_image, shorten_url
-from pipeline.manifest import MAX_IMAGES_PER_REQUEST, manifest_base_dir, read_manifest
+from pipeline.manifest import manifest_base_dir, read_manifest
 from pipeline.plan import (
     Estimate,
     Observed,
@@ -49,6 +49,7 @@ from pipeline.records import (
     ApiError,
     ConfigError,
     Detail,
+    ErrorKind,
     ImageError,
     ImageTask,
     ManifestError,
@@ -56,6 +57,7 @@ from pipeline.records import (
     RowError,
 )
 from pipeline.remote import is_remote_url, open_session, probe_image
+from pipeline.request import MAX_IMAGES_PER_REQUEST
 from pipeline.sink import ESTIMATE_ROWS_SCHEMA, ParquetFileWriter, read_output, rows_to_table
 from pipeline.tokens import count_prompt_tokens
 
@@ -137,7 +139,7 @@ def estimate_row(task: ImageTask, sized: Sequence[ImageSize] | RowError, cfg: Ru
     because = tuple(image.unsized_because or NOT_PROBED for image in sized if image.size is None)
     row = RowEstimate(task.row_id, task.line, task.detail, len(sized), prompt, unsized_because=because)
     if (too_big := oversize_reason(reserved, cfg.request, cfg.limits)) is not None:  # the run's refusal
-        err = ApiError(task.row_id, too_big, status=None)
+        err = ApiError(task.row_id, too_big, status=None, kind=ErrorKind.OVER_BUDGET)
         return replace(row, error=str(err), reason=reason_of(err))
     return row
 

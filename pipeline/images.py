@@ -54,7 +54,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from pipeline import tokens
 from pipeline.config import ImagesConfig
-from pipeline.records import Detail, ImageError, PreparedImage, RowError
+from pipeline.records import Detail, ErrorKind, ImageError, PreparedImage, RowError
 
 try:  # decode-only HEIF support; optional so that a plain `pip install` still works without it
     import pi_heif as _heif_plugin
@@ -180,7 +180,10 @@ def prepare_image(
         return _prepare_data_url(ref, cfg=cfg, row_id=row_id)
     if scheme is not None:
         raise ImageError(
-            row_id, f"{scheme}: URLs are not supported (use http(s), data: or a path)", path=shorten_url(ref)
+            row_id,
+            f"{scheme}: URLs are not supported (use http(s), data: or a path)",
+            kind=ErrorKind.UNSUPPORTED_FORMAT,
+            path=shorten_url(ref),
         )
     path = _local_path(ref, base_dir=base_dir, allowed_roots=cfg.allowed_roots, row_id=row_id)
     return _prepare(path, ref=ref, detail=detail, cfg=cfg, row_id=row_id)
@@ -195,7 +198,7 @@ def prepare_image_bytes(
     """
     short = shorten_url(ref)
     if not data:
-        raise ImageError(row_id, "download is empty (0 bytes)", path=short)
+        raise ImageError(row_id, "download is empty (0 bytes)", kind=ErrorKind.UNREADABLE_IMAGE, path=short)
     return _prepare(io.BytesIO(data), ref=short, detail=detail, cfg=cfg, row_id=row_id)
 
 
@@ -224,6 +227,7 @@ def check_request_size(images: Sequence[PreparedImage], *, cfg: ImagesConfig, ro
             row_id,
             f"{len(images)} images come to {total:,} bytes of data URLs, more than "
             f"images.max_request_bytes = {cfg.max_request_bytes:,}",
+            kind=ErrorKind.TOO_LARGE,
         )
 
 
@@ -243,7 +247,10 @@ def measure_image(ref: str, *, base_dir: Path, cfg: ImagesConfig, row_id: str) -
         return width, height
     if scheme is not None:
         raise ImageError(
-            row_id, f"{scheme}: URLs are not supported (use http(s), data: or a path)", path=shorten_url(ref)
+            row_id,
+            f"{scheme}: URLs are not supported (use http(s), data: or a path)",
+            kind=ErrorKind.UNSUPPORTED_FORMAT,
+            path=shorten_url(ref),
         )
     path = _local_path(ref, base_dir=base_dir, allowed_roots=cfg.allowed_roots, row_id=row_id)
     width, height, fmt = _header(path, ref=ref, row_id=row_id)
@@ -309,20 +316,32 @@ def _local_path(ref: str, *, base_dir: Path, allowed_roots: Sequence[str], row_i
         if not any(path.is_relative_to(root) for root in roots):
             if allowed_roots:
                 raise ImageError(
-                    row_id, f"outside images.allowed_roots ({', '.join(map(str, roots))})", path=ref
+                    row_id,
+                    f"outside images.allowed_roots ({', '.join(map(str, roots))})",
+                    kind=ErrorKind.OUTSIDE_ALLOWED_FOLDERS,
+                    path=ref,
                 )
-            raise ImageError(row_id, f"outside the manifest's folder {base}", path=ref)
+            raise ImageError(
+                row_id,
+                f"outside the manifest's folder {base}",
+                kind=ErrorKind.OUTSIDE_ALLOWED_FOLDERS,
+                path=ref,
+            )
         st = path.stat()
     except FileNotFoundError:
-        raise ImageError(row_id, "file not found", path=ref) from None
+        raise ImageError(row_id, "file not found", kind=ErrorKind.MISSING_FILE, path=ref) from None
     except (OSError, RuntimeError, ValueError) as err:  # RuntimeError: a symlink loop (Python 3.11)
-        raise ImageError(row_id, f"cannot read: {_one_line(err)}", path=ref) from None
+        raise ImageError(
+            row_id, f"cannot read: {_one_line(err)}", kind=ErrorKind.UNREADABLE_IMAGE, path=ref
+        ) from None
     if stat.S_ISDIR(st.st_mode):
-        raise ImageError(row_id, "is a folder, not an image", path=ref)
+        raise ImageError(row_id, "is a folder, not an image", kind=ErrorKind.UNREADABLE_IMAGE, path=ref)
     if not stat.S_ISREG(st.st_mode):
-        raise ImageError(row_id, "is not a regular file", path=ref)  # a FIFO would block the worker forever
+        raise ImageError(
+            row_id, "is not a regular file", kind=ErrorKind.UNREADABLE_IMAGE, path=ref
+        )  # a FIFO would block the worker forever
     if st.st_size == 0:
-        raise ImageError(row_id, "file is empty (0 bytes)", path=ref)
+        raise ImageError(row_id, "file is empty (0 bytes)", kind=ErrorKind.UNREADABLE_IMAGE, path=ref)
     return path
 
 
@@ -358,23 +377,40 @@ def _prepare(
                 done = _finish(_from_pillow(im, stored_target, keep_alpha=cfg.keep_alpha), target, cfg)
             mime, encoded = done
     except FileNotFoundError:
-        raise ImageError(row_id, "file not found", path=ref) from None
+        raise ImageError(row_id, "file not found", kind=ErrorKind.MISSING_FILE, path=ref) from None
     except PermissionError as err:
-        raise ImageError(row_id, f"cannot read: {err.strerror or err}", path=ref) from None
+        raise ImageError(
+            row_id, f"cannot read: {err.strerror or err}", kind=ErrorKind.UNREADABLE_IMAGE, path=ref
+        ) from None
     except UnidentifiedImageError:
-        raise ImageError(row_id, _unidentified_reason(_head(source)), path=ref) from None
+        raise ImageError(
+            row_id, _unidentified_reason(_head(source)), kind=ErrorKind.UNSUPPORTED_FORMAT, path=ref
+        ) from None
     except Image.DecompressionBombError as err:
-        raise ImageError(row_id, f"too many pixels to decode safely: {_one_line(err)}", path=ref) from None
+        raise ImageError(
+            row_id,
+            f"too many pixels to decode safely: {_one_line(err)}",
+            kind=ErrorKind.TOO_MANY_PIXELS,
+            path=ref,
+        ) from None
     except (OSError, ValueError, EOFError, SyntaxError, struct.error) as err:  # Pillow's decoders on bad data
-        raise ImageError(row_id, f"damaged or truncated image: {_one_line(err)}", path=ref) from None
+        raise ImageError(
+            row_id, f"damaged or truncated image: {_one_line(err)}", kind=ErrorKind.UNREADABLE_IMAGE, path=ref
+        ) from None
     except pyvips.Error as err:  # decoded pixels that libvips could not shrink or encode: not expected
         reason = " ".join(err.message.split())  # not .detail: libvips' process-wide buffer, other rows' text
-        raise ImageError(row_id, f"could not shrink or encode the image: {reason}", path=ref) from None
+        raise ImageError(
+            row_id,
+            f"could not shrink or encode the image: {reason}",
+            kind=ErrorKind.UNREADABLE_IMAGE,
+            path=ref,
+        ) from None
     if len(encoded) > cfg.max_image_bytes:
         kind = mime.removeprefix("image/").upper()
         raise ImageError(
             row_id,
             f"{len(encoded):,} bytes as {kind} is more than images.max_image_bytes = {cfg.max_image_bytes:,}",
+            kind=ErrorKind.TOO_LARGE,
             path=ref,
         )
     return PreparedImage(
@@ -539,6 +575,7 @@ def _measure_data_url(url: str, *, cfg: ImagesConfig, row_id: str) -> tuple[int,
         raise ImageError(
             row_id,
             f"{len(data):,} bytes is more than images.max_image_bytes = {cfg.max_image_bytes:,}",
+            kind=ErrorKind.TOO_LARGE,
             path=short,
         )
     width, height, _ = _header(io.BytesIO(data), ref=short, row_id=row_id)
@@ -551,13 +588,20 @@ def _decode_data_url(url: str, *, row_id: str) -> bytes:
     short = shorten_url(url)
     head, comma, payload = url.partition(",")
     if not comma or not head.lower().endswith(";base64"):
-        raise ImageError(row_id, "a data URL must look like data:image/<type>;base64,<data>", path=short)
+        raise ImageError(
+            row_id,
+            "a data URL must look like data:image/<type>;base64,<data>",
+            kind=ErrorKind.UNREADABLE_IMAGE,
+            path=short,
+        )
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise ImageError(row_id, "data URL is not valid base64", path=short) from None
+        raise ImageError(
+            row_id, "data URL is not valid base64", kind=ErrorKind.UNREADABLE_IMAGE, path=short
+        ) from None
     if not data:
-        raise ImageError(row_id, "data URL holds no bytes", path=short)
+        raise ImageError(row_id, "data URL holds no bytes", kind=ErrorKind.UNREADABLE_IMAGE, path=short)
     return data
 
 
@@ -567,11 +611,20 @@ def _header(source: Path | io.BytesIO, *, ref: str, row_id: str) -> tuple[int, i
         with Image.open(source, formats=SNIFFED_FORMATS) as im:
             return im.width, im.height, im.format or ""
     except UnidentifiedImageError:
-        raise ImageError(row_id, _unidentified_reason(_head(source)), path=ref) from None
+        raise ImageError(
+            row_id, _unidentified_reason(_head(source)), kind=ErrorKind.UNSUPPORTED_FORMAT, path=ref
+        ) from None
     except Image.DecompressionBombError as err:
-        raise ImageError(row_id, f"too many pixels to decode safely: {_one_line(err)}", path=ref) from None
+        raise ImageError(
+            row_id,
+            f"too many pixels to decode safely: {_one_line(err)}",
+            kind=ErrorKind.TOO_MANY_PIXELS,
+            path=ref,
+        ) from None
     except OSError as err:
-        raise ImageError(row_id, f"cannot read: {_one_line(err)}", path=ref) from None
+        raise ImageError(
+            row_id, f"cannot read: {_one_line(err)}", kind=ErrorKind.UNREADABLE_IMAGE, path=ref
+        ) from None
 
 
 def _check_extension(ref: str, fmt: str, *, row_id: str) -> None:
@@ -587,6 +640,7 @@ def _check_extension(ref: str, fmt: str, *, row_id: str) -> None:
         row_id,
         f"named {suffix} but the bytes are {_WANTED_FORMATS.get(fmt, fmt)}: rename the file, "
         "or set images.extension_must_match = false to go by the bytes",
+        kind=ErrorKind.WRONG_EXTENSION,
         path=ref,
     )
 
@@ -596,6 +650,7 @@ def _check_pixels(width: int, height: int, *, cfg: ImagesConfig, ref: str, row_i
         raise ImageError(
             row_id,
             f"too many pixels: {width}×{height} is more than images.max_pixels = {cfg.max_pixels:,}",
+            kind=ErrorKind.TOO_MANY_PIXELS,
             path=ref,
         )
 

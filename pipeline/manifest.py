@@ -10,7 +10,8 @@ Columns (CSV header, JSON keys, Parquet fields):
   the same id on every run: ``img-`` + the first 16 hex digits of sha256 of the references joined by
   newlines. A row whose id cannot be known at all is called ``line-<line>``.
 - ``image``: one path (relative to the manifest's folder) or http(s)/data URL; or ``images``: a list of
-  them (in CSV a JSON array, e.g. ``["a.jpg", "b.jpg"]``), at most 10.
+  them (in CSV a JSON array, e.g. ``["a.jpg", "b.jpg"]``); the request plan refuses more than the
+  service takes in one request.
 - ``prompt`` and ``detail`` (low | high | auto): optional; an empty cell means "as the config says".
 - every other column is passed through to the output as text: CSV cells as they are, other JSON or
   Parquet values as compact JSON, null as None.
@@ -36,7 +37,6 @@ import pyarrow.parquet as pq
 from pipeline.config import RequestConfig
 from pipeline.records import DETAILS, ConfigError, Detail, ImageTask, ManifestError
 
-MAX_IMAGES_PER_REQUEST = 10  # reference: "a limit of 10 images per chat request"
 PARQUET_BATCH_ROWS = 1024
 CSV_FIELD_LIMIT_CHARS = 64 * 1024 * 1024  # a data URL of a 20 MB image in one cell; csv's default is 128 KiB
 COUNT_CHUNK_BYTES = 1024 * 1024
@@ -347,10 +347,6 @@ def _images(row: Mapping[str, object]) -> tuple[str, ...]:
         raise ValueError("no image: the image (or images) column is empty")
     if not isinstance(several, list) or not all(isinstance(ref, str) and ref.strip() for ref in several):
         raise ValueError("images must be a list of non-empty strings")
-    if len(several) > MAX_IMAGES_PER_REQUEST:
-        raise ValueError(
-            f"{len(several)} images: the service takes at most {MAX_IMAGES_PER_REQUEST} per request"
-        )
     return tuple(ref.strip() for ref in several)
 
 

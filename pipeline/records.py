@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Literal
 
 Detail = Literal["low", "high", "auto"]
@@ -129,27 +130,66 @@ class RunProgress:
 
 # Errors. Row errors fail one row, which is committed with status "error"; run errors end the run.
 # Every message is one line that names the row, the file or the setting, and never a key or a data URL.
+#
+# The tree:
+#   RowError (kind: ErrorKind)    this row cannot be served; committed as an error row, the run goes on
+#     ManifestError (file, line)  the manifest's row itself is wrong
+#     ImageError (path)           an image of the row cannot be read, or is refused before sending
+#     ApiError (status, code)     the endpoint refused or failed the row, after any retries
+#   ConfigError                   a setting is wrong: exit 2 before anything is sent
+#   NotSent                       the run is stopping; the row stays uncommitted for the next run
+#   RunAborted                    the endpoint refuses every row (key, deployment, quota): exit 3
+
+
+class ErrorKind(StrEnum):
+    """Why a row failed, set where the error is raised: the ``error_kind`` column, and what the estimate
+    groups failing rows by. Never derived from a message's text."""
+
+    BAD_MANIFEST_ROW = "bad_manifest_row"  # a row the manifest cannot give: bad JSON, no image, bad cell
+    MISSING_FILE = "missing_file"
+    UNREADABLE_IMAGE = "unreadable_image"  # damaged, truncated, or a file that cannot be read
+    UNSUPPORTED_FORMAT = "unsupported_format"  # not an image format we (or the service) read
+    WRONG_EXTENSION = "wrong_extension"  # a PNG named .jpg (images.extension_must_match)
+    OUTSIDE_ALLOWED_FOLDERS = "outside_allowed_folders"
+    TOO_MANY_PIXELS = "too_many_pixels"  # over images.max_pixels
+    TOO_LARGE = "too_large"  # bytes over images.max_image_bytes or images.max_request_bytes
+    TOO_MANY_IMAGES = "too_many_images"  # more than the service takes in one request
+    DOWNLOAD_FAILED = "download_failed"  # an http(s) image that images.fetch_remote could not fetch
+    OVER_BUDGET = "over_budget"  # reserves more than the minute's token budget: never admitted
+    OVER_CONTEXT = "over_context"  # the prompt is longer than the model's context
+    HTTP_4XX = "http_4xx"  # the endpoint refused this row (400, 413, 422 ...): sending it again won't help
+    RETRIES_EXHAUSTED = "retries_exhausted"  # 429, 5xx, timeouts or dropped connections until out of attempts
+    UNEXPECTED = "unexpected"  # a surprise in our code: the traceback is in the log with the row's id
 
 
 class RowError(Exception):
     """This row cannot be served; the run goes on."""
 
-    def __init__(self, row_id: str, message: str) -> None:
+    def __init__(self, row_id: str, message: str, *, kind: ErrorKind) -> None:
         super().__init__(f"row {row_id!r}: {message}")
         self.row_id = row_id
         self.reason = message
+        self.kind = kind
 
 
 class ManifestError(RowError):
-    def __init__(self, row_id: str, message: str, *, file: str, line: int) -> None:
-        RowError.__init__(self, row_id, f"{file} line {line}: {message}")
+    def __init__(
+        self,
+        row_id: str,
+        message: str,
+        *,
+        file: str,
+        line: int,
+        kind: ErrorKind = ErrorKind.BAD_MANIFEST_ROW,
+    ) -> None:
+        RowError.__init__(self, row_id, f"{file} line {line}: {message}", kind=kind)
         self.file = file
         self.line = line
 
 
 class ImageError(RowError):
-    def __init__(self, row_id: str, message: str, *, path: str) -> None:
-        RowError.__init__(self, row_id, f"image {path!r}: {message}")
+    def __init__(self, row_id: str, message: str, *, path: str, kind: ErrorKind) -> None:
+        RowError.__init__(self, row_id, f"image {path!r}: {message}", kind=kind)
         self.path = path
 
 
@@ -162,11 +202,12 @@ class ApiError(RowError):
         message: str,
         *,
         status: int | None,
+        kind: ErrorKind,
         code: str | None = None,
         retry_after_s: float | None = None,
         attempts: int = 0,
     ) -> None:
-        RowError.__init__(self, row_id, message)
+        RowError.__init__(self, row_id, message, kind=kind)
         self.status = status
         self.code = code
         self.retry_after_s = retry_after_s

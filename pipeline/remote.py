@@ -29,7 +29,7 @@ from yarl import URL
 
 from pipeline.config import ImagesConfig
 from pipeline.images import measure_image_bytes, shorten_url
-from pipeline.records import ImageError, RemoteProbe
+from pipeline.records import ErrorKind, ImageError, RemoteProbe
 
 REMOTE_SCHEMES = ("http", "https")
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -117,6 +117,7 @@ async def fetch_image(session: aiohttp.ClientSession, url: str, cfg: ImagesConfi
             raise ImageError(
                 row_id,
                 f"download failed: HTTP {response.status} {response.reason or ''}".rstrip(),
+                kind=ErrorKind.DOWNLOAD_FAILED,
                 path=short,
             )
         return await _read_at_most(response, cfg, row_id=row_id, short=short)
@@ -126,20 +127,28 @@ async def fetch_image(session: aiohttp.ClientSession, url: str, cfg: ImagesConfi
             return await _follow(session, URL(url), cfg, read)
     except TimeoutError:
         reason = f"download took longer than images.remote_timeout_s = {cfg.remote_timeout_s:g} s"
-        raise ImageError(row_id, reason, path=short) from None
+        raise ImageError(row_id, reason, kind=ErrorKind.DOWNLOAD_FAILED, path=short) from None
     except _HopRefused as err:
-        raise ImageError(row_id, str(err), path=short) from None
+        raise ImageError(row_id, str(err), kind=ErrorKind.DOWNLOAD_FAILED, path=short) from None
     except AddressRefused as err:  # an IP literal, refused before connecting
-        raise ImageError(row_id, _refused(str(err)), path=short) from None
+        raise ImageError(row_id, _refused(str(err)), kind=ErrorKind.DOWNLOAD_FAILED, path=short) from None
     except aiohttp.ClientConnectorError as err:
         if isinstance(err.os_error, AddressRefused):
-            raise ImageError(row_id, _refused(str(err.os_error)), path=short) from None
+            raise ImageError(
+                row_id, _refused(str(err.os_error)), kind=ErrorKind.DOWNLOAD_FAILED, path=short
+            ) from None
         raise ImageError(
-            row_id, f"download failed: cannot connect: {_one_line(err.os_error)}", path=short
+            row_id,
+            f"download failed: cannot connect: {_one_line(err.os_error)}",
+            kind=ErrorKind.DOWNLOAD_FAILED,
+            path=short,
         ) from None
     except (aiohttp.ClientError, ValueError) as err:  # ValueError: yarl on a malformed URL or Location
         raise ImageError(
-            row_id, f"download failed: {type(err).__name__}: {_one_line(err)}", path=short
+            row_id,
+            f"download failed: {type(err).__name__}: {_one_line(err)}",
+            kind=ErrorKind.DOWNLOAD_FAILED,
+            path=short,
         ) from None
 
 
@@ -233,13 +242,18 @@ async def _read_at_most(
     limit = cfg.max_remote_bytes
     too_big = f"download is more than images.max_remote_bytes = {limit:,} bytes"
     if response.content_length is not None and response.content_length > limit:
-        raise ImageError(row_id, f"{too_big} (Content-Length {response.content_length:,})", path=short)
+        raise ImageError(
+            row_id,
+            f"{too_big} (Content-Length {response.content_length:,})",
+            kind=ErrorKind.TOO_LARGE,
+            path=short,
+        )
     chunks: list[bytes] = []
     received = 0
     async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
         received += len(chunk)
         if received > limit:
-            raise ImageError(row_id, too_big, path=short)
+            raise ImageError(row_id, too_big, kind=ErrorKind.TOO_LARGE, path=short)
         chunks.append(chunk)
     return b"".join(chunks)
 

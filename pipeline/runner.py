@@ -44,6 +44,7 @@ from pipeline.progress import show_progress
 from pipeline.records import (
     ApiError,
     ConfigError,
+    ErrorKind,
     ImageTask,
     ManifestError,
     NotSent,
@@ -469,7 +470,9 @@ class _Stages:
             sizes = [(i.width, i.height) if i.width and i.height else None for i in images]
             estimated = count_prompt_tokens(body["messages"], sizes, cfg.endpoint.model)
             if (too_big := oversize_reason(estimated, cfg.request, cfg.limits)) is not None:
-                raise ApiError(task.row_id, too_big, status=None)  # the limiter could never admit it
+                raise ApiError(
+                    task.row_id, too_big, status=None, kind=ErrorKind.OVER_BUDGET
+                )  # the limiter could never admit it
             reserve = estimated + cfg.request.max_tokens
             result = _answered(
                 task, await self.client.caption(task, body, reserve), cfg, estimated, self.price
@@ -483,7 +486,10 @@ class _Stages:
         except Exception as err:  # a surprise fails this row, not the run
             log.exception("row %r: unexpected error", task.row_id)
             result = _failed(
-                task, RowError(task.row_id, f"unexpected {type(err).__name__}: {err}"), cfg, estimated
+                task,
+                RowError(task.row_id, f"unexpected {type(err).__name__}: {err}", kind=ErrorKind.UNEXPECTED),
+                cfg,
+                estimated,
             )
         return dataclasses.replace(
             result, started_at=started_at, finished_at=time.time(), latency_s=round(loop.time() - started, 4)

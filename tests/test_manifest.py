@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import RequestConfig
-from pipeline.manifest import MAX_IMAGES_PER_REQUEST, Skipped, count_rows, manifest_base_dir, read_manifest
+from pipeline.manifest import Skipped, count_rows, manifest_base_dir, read_manifest
 from pipeline.records import ConfigError, ImageTask, ManifestError
 
 REQUEST = RequestConfig(prompt="Describe this image.", detail="auto")
@@ -244,18 +244,6 @@ def test_a_bad_row_keeps_its_id_when_it_has_one_else_is_named_by_its_line(tmp_pa
     with_id, without = read_all(manifest)
 
     assert (with_id.row_id, without.row_id) == ("keep", "line-2")
-
-
-def test_more_than_10_images_is_a_bad_row_and_10_is_fine(tmp_path):
-    refs = [f"{n}.jpg" for n in range(MAX_IMAGES_PER_REQUEST + 1)]
-    manifest = write_jsonl(
-        tmp_path / "m.jsonl", [{"id": "ten", "images": refs[:10]}, {"id": "eleven", "images": refs}]
-    )
-
-    ten, eleven = read_all(manifest)
-
-    assert isinstance(ten, ImageTask) and len(ten.images) == 10
-    assert isinstance(eleven, ManifestError) and "11 images" in eleven.reason
 
 
 def test_jsonl_extra_values_pass_through_as_compact_json_text(tmp_path):
