@@ -2,7 +2,7 @@
 
 Exit codes: 0 every row ok or filtered; 1 some rows ended in error; 2 bad usage or config;
 3 the endpoint refused us (key, deployment, route, quota gone); 4 the output could not be written;
-130 interrupted (runner.EXIT_MEANINGS).
+130 interrupted (exits.EXIT_MEANINGS).
 """
 
 from __future__ import annotations
@@ -19,21 +19,13 @@ import click
 
 from pipeline.config import load_config
 from pipeline.estimate import EstimateOptions, estimate
+from pipeline.exits import EXIT_MEANINGS, EXIT_OK, EXIT_OUTPUT_FAILED, EXIT_USAGE
 from pipeline.logs import LOG_FORMATS, LogFormat, setup_logging
 from pipeline.plan import estimate_as_json, format_estimate, parse_window_h
 from pipeline.preview import preview_as_json, preview_first_request
 from pipeline.records import ConfigError
 from pipeline.report import REPORT_FILE, write_report
-from pipeline.runner import (
-    EXIT_MEANINGS,
-    EXIT_OK,
-    EXIT_OUTPUT_FAILED,
-    EXIT_USAGE,
-    RunOptions,
-    RunSummary,
-    run,
-    summary_as_dict,
-)
+from pipeline.runner import RunOptions, RunSummary, run, summary_as_dict
 from pipeline.status import format_status, read_status
 
 EXIT_CODES_HELP = (
@@ -131,7 +123,7 @@ def run_command(
     with _exit_on_errors(f"use the output {output}"):
         cfg = load_config(config)
         if dry_run:
-            preview = preview_first_request(cfg, manifest, output, retry_failed=retry_failed)
+            preview = asyncio.run(preview_first_request(cfg, manifest, output, retry_failed=retry_failed))
             click.echo(json.dumps(preview_as_json(preview), indent=2))
             sys.exit(EXIT_OK)
         summary = asyncio.run(run(cfg, options))

@@ -1,8 +1,9 @@
-"""Building the chat request, sending it with aiohttp, classifying answers, retrying, parsing responses.
+"""The live transport: sending planned requests with aiohttp, classifying answers, retrying.
 
-The pure parts (``endpoint_for``, ``build_body``, ``oversize_reason``, ``classify``, ``retry_after_s``,
-``backoff_s``, ``parse_answer``) take values and return values, so the tests, the estimate and the run
-share them. ``caption`` is the one place that talks to the network, and the one retry loop.
+The pure parts (``endpoint_for``, ``classify``, ``retry_cause``, ``retry_after_s``, ``backoff_s``) take
+values and return values, so the tests and the retry loop share them. ``Client.send`` is the one place
+that talks to the network, and the one retry loop. What a request holds is ``request.py``'s; what an
+answer means for the row is ``results.py``'s.
 """
 
 from __future__ import annotations
@@ -16,26 +17,17 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import aiohttp
 
-from pipeline.config import EndpointConfig, LimitsConfig, RequestConfig
+from pipeline.config import EndpointConfig, LimitsConfig
 from pipeline.limits import Limits, LimitsClosed
-from pipeline.records import (
-    FILTER_CATEGORIES,
-    ApiError,
-    CategoryFilter,
-    ErrorKind,
-    FilterResult,
-    ImageTask,
-    NotSent,
-    PreparedImage,
-    RunAborted,
-    Usage,
-)
+from pipeline.records import ApiError, Delivery, ErrorKind, NotSent, RunAborted, TransportCounters
+from pipeline.request import RequestPlan, sends_model_in_body
+from pipeline.results import parse_usage
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +42,6 @@ class Endpoint:
 
     url: str
     headers: Mapping[str, str]
-    sends_model: bool  # OpenAI-style routes take the model in the body; Azure takes the deployment in the URL
     key_env: str  # the variable the key came from, named when the key is refused
 
     def __repr__(self) -> str:  # the headers hold the key: never print them
@@ -65,53 +56,11 @@ def endpoint_for(cfg: EndpointConfig, api_key: str | None) -> Endpoint:
     is set. The emulator speaks the Azure route.
     """
     base = cfg.url.rstrip("/")
-    if cfg.provider in ("azure", "emulator"):
-        url = f"{base}/openai/deployments/{cfg.deployment}/chat/completions?api-version={cfg.api_version}"
-        return Endpoint(url, {"api-key": api_key or ""}, sends_model=False, key_env=cfg.api_key_env)
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    return Endpoint(f"{base}/chat/completions", headers, sends_model=True, key_env=cfg.api_key_env)
-
-
-def build_body(
-    task: ImageTask, images: Sequence[PreparedImage], request: RequestConfig, model: str | None
-) -> dict[str, Any]:
-    """The chat-completions body for one row: system prompt, the row's prompt, its images, max_tokens.
-
-    `model` goes into the body for OpenAI-style routes and is None for Azure.
-    """
-    content: list[dict[str, Any]] = [{"type": "text", "text": task.prompt}]
-    content += [
-        {"type": "image_url", "image_url": {"url": image.url, "detail": task.detail}} for image in images
-    ]
-    messages: list[dict[str, Any]] = []
-    if request.system_prompt:
-        messages.append({"role": "system", "content": request.system_prompt})
-    messages.append({"role": "user", "content": content})
-    # the reference: "Remember to set a max_tokens value, or the return output will be cut off"
-    body: dict[str, Any] = {
-        "messages": messages,
-        "max_tokens": request.max_tokens,
-        "temperature": request.temperature,
-    }
-    if model is not None:
-        body["model"] = model
-    return body
-
-
-def oversize_reason(prompt_tokens: int, request: RequestConfig, limits: LimitsConfig) -> str | None:
-    """Why a request of `prompt_tokens` may never be sent, or None when it fits the per-minute budget.
-
-    It reserves `prompt_tokens` + ``request.max_tokens``; more than ``limits.tokens_per_minute`` could never
-    be admitted (``Limits.acquire`` raises on it), so the run refuses it as a row error before it reaches
-    the limiter, and the estimate counts it as failing with the same text. Pure.
-    """
-    reserve = prompt_tokens + request.max_tokens
-    if reserve <= limits.tokens_per_minute:
-        return None
-    return (
-        f"needs {reserve} tokens (prompt {prompt_tokens} + max_tokens {request.max_tokens}), more "
-        f"than limits.tokens_per_minute = {limits.tokens_per_minute}; not sent"
-    )
+    if sends_model_in_body(cfg.provider):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        return Endpoint(f"{base}/chat/completions", headers, key_env=cfg.api_key_env)
+    url = f"{base}/openai/deployments/{cfg.deployment}/chat/completions?api-version={cfg.api_version}"
+    return Endpoint(url, {"api-key": api_key or ""}, key_env=cfg.api_key_env)
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,67 +154,6 @@ def backoff_s(attempt: int, limits: LimitsConfig, rng: random.Random) -> float:
 
 
 @dataclass(frozen=True, slots=True)
-class Answer:
-    """The useful part of a chat-completions response, or of a content-filter refusal."""
-
-    description: str | None
-    finish_reason: str | None
-    response_id: str | None
-    model: str | None
-    usage: Usage | None
-    prompt_filter: FilterResult | None
-    completion_filter: FilterResult | None
-
-
-def parse_answer(body: Mapping[str, Any]) -> Answer:
-    """Parse a 200 response (Azure or OpenAI shape) or a 400 content_filter refusal."""
-    if "error" in body:  # a prompt refused by the content filter
-        inner = body["error"].get("innererror") or {}
-        return Answer(
-            None, "content_filter", None, None, None, parse_filter(inner.get("content_filter_result")), None
-        )
-    choice = (body.get("choices") or [{}])[0]
-    prompt_results = body.get("prompt_filter_results") or body.get("prompt_annotations") or []
-    usage = body.get("usage") or None
-    return Answer(
-        description=(choice.get("message") or {}).get("content"),
-        finish_reason=finish_reason_text(choice.get("finish_reason")),
-        response_id=body.get("id"),
-        model=body.get("model"),
-        usage=Usage(
-            int(usage.get("prompt_tokens") or 0),
-            int(usage.get("completion_tokens") or 0),
-            int(usage.get("total_tokens") or 0),
-        )
-        if usage
-        else None,
-        prompt_filter=parse_filter(prompt_results[0].get("content_filter_results"))
-        if prompt_results
-        else None,
-        completion_filter=parse_filter(choice.get("content_filter_results")),
-    )
-
-
-def finish_reason_text(value: object) -> str | None:
-    """finish_reason as a string: some Azure deployments send it as an object {"type": "stop", ...}."""
-    if isinstance(value, Mapping):
-        value = value.get("type")
-    return None if value is None else str(value)
-
-
-def parse_filter(results: object) -> FilterResult | None:
-    """Content-filter annotations (hate, self_harm, sexual, violence) into a typed record."""
-    if not isinstance(results, Mapping):
-        return None
-    categories = {}
-    for name in FILTER_CATEGORIES:
-        entry = results.get(name)
-        if isinstance(entry, Mapping):
-            categories[name] = CategoryFilter(bool(entry.get("filtered", False)), entry.get("severity"))
-    return FilterResult(**categories)
-
-
-@dataclass(frozen=True, slots=True)
 class Reply:
     status: int
     headers: Mapping[str, str]
@@ -273,18 +161,9 @@ class Reply:
     text: str
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What the retry loop ends with for a row that got an answer."""
-
-    status: Literal["ok", "filtered"]
-    answer: Answer
-    attempts: int
-    http_status: int
-
-
 class Client:
-    """Sends rows to one endpoint over one aiohttp session, under the run's shared budgets."""
+    """The live transport: sends planned requests to one endpoint over one aiohttp session, under the
+    run's shared budgets (``limits.py``)."""
 
     def __init__(
         self,
@@ -309,60 +188,70 @@ class Client:
         self._stopping.set()
         self.limits.close()
 
-    async def caption(self, task: ImageTask, body: Mapping[str, Any], reserve_tokens: int) -> Outcome:
-        """Send one row, retrying what is worth retrying, and return its answer.
+    def counters(self) -> TransportCounters:
+        """What this transport has met so far: 429s, retries by cause, and the pauses they caused."""
+        limits = self.limits
+        return TransportCounters(
+            http_429s=self.http_429s,
+            retries_by_cause=dict(self.retries_by_cause),
+            pauses=limits.pauses,
+            paused_s=limits.paused_s,
+            is_paused=limits.is_paused,
+        )
 
-        Every attempt first reserves 1 request and `reserve_tokens` from the shared budgets. A 429 pauses
-        every worker for the time the server gave. Raises ApiError when the row fails (not retryable, or
-        out of attempts), RunAborted when no row can succeed (bad key, wrong deployment, quota gone), and
-        NotSent when an attempt was due after ``stop_sending``: a request started then could not finish
-        within the grace, and would be paid for and lost.
+    async def send(self, plan: RequestPlan) -> Delivery:
+        """Send one planned request, retrying what is worth retrying, and return the answer that is a result.
+
+        Every attempt first reserves 1 request and ``plan.reserve_tokens`` from the shared budgets. A 429
+        pauses every worker for the time the server gave. Raises ApiError when the row fails (not
+        retryable, or out of attempts), RunAborted when no row can succeed (bad key, wrong deployment,
+        quota gone), and NotSent when an attempt was due after ``stop_sending``: a request started then
+        could not finish within the grace, and would be paid for and lost.
         """
-        cfg = self._cfg
+        cfg, row_id = self._cfg, plan.task.row_id
         last_reason, last_status = "no attempt made", None
         retrying: str | None = None  # the retry_cause of the attempt before, counted once this one is sent
         for attempt in range(1, cfg.max_attempts + 1):
             try:
-                reservation = await self.limits.acquire(reserve_tokens)
+                reservation = await self.limits.acquire(plan.reserve_tokens)
             except LimitsClosed:
-                raise NotSent(task.row_id) from None
+                raise NotSent(row_id) from None
             if retrying is not None:
                 self.retries_by_cause[retrying] += 1
             try:
-                reply = await self._post(body)
+                reply = await self._post(plan.body)
             except (TimeoutError, aiohttp.ClientError) as err:
-                reply, verdict = None, Verdict("retry")
+                verdict, cause = Verdict("retry"), retry_cause(None, err)
                 last_status, last_reason = None, _describe_exception(err, cfg.timeout_s)
-                cause = retry_cause(None, err)
             else:
                 self.limits.observe(reply.headers)
-                if reply.status == 429:
-                    self.http_429s += 1
-                cause = retry_cause(reply.status)
-                verdict = classify(reply.status, reply.headers, reply.body, now=time.time())
+                self.http_429s += reply.status == 429
+                verdict, cause = (
+                    classify(reply.status, reply.headers, reply.body, now=time.time()),
+                    retry_cause(reply.status),
+                )
                 last_status, last_reason = (
                     reply.status,
                     f"HTTP {reply.status}: {error_message(reply.body, reply.text)}",
                 )
-            if reply is not None and verdict.action in ("done", "filtered"):
-                answer = parse_answer(reply.body)  # type: ignore[arg-type]  # classify checked its shape
-                if answer.usage is not None:  # the server's own count replaces our estimate in the window
-                    self.limits.settle(
-                        reservation, answer.usage.prompt_tokens + int(body.get("max_tokens", 0))
+                if verdict.action in ("done", "filtered") and isinstance(reply.body, Mapping):
+                    if (usage := parse_usage(reply.body)) is not None:  # the bill replaces our estimate
+                        self.limits.settle(
+                            reservation, usage.prompt_tokens + int(plan.body.get("max_tokens", 0))
+                        )
+                    return Delivery(reply.status, reply.body, attempt)
+                if verdict.action == "abort":
+                    raise RunAborted(self._abort_message(reply), http_status=reply.status)
+                if verdict.action == "fail":
+                    code = error_code(reply.body)
+                    raise ApiError(
+                        row_id,
+                        last_reason,
+                        status=reply.status,
+                        kind=ErrorKind.HTTP_4XX,
+                        code=code,
+                        attempts=attempt,
                     )
-                is_filtered = verdict.action == "filtered" or answer.finish_reason == "content_filter"
-                return Outcome("filtered" if is_filtered else "ok", answer, attempt, reply.status)
-            if reply is not None and verdict.action == "abort":
-                raise RunAborted(self._abort_message(reply), http_status=reply.status)
-            if reply is not None and verdict.action == "fail":
-                raise ApiError(
-                    task.row_id,
-                    last_reason,
-                    status=last_status,
-                    kind=ErrorKind.HTTP_4XX,
-                    code=error_code(reply.body),
-                    attempts=attempt,
-                )
             if verdict.wait_s is not None and verdict.wait_s > cfg.max_retry_after_s:
                 raise RunAborted(
                     f"the endpoint asks us to wait {verdict.wait_s:.0f} s, more than limits.max_retry_after_s = "
@@ -377,14 +266,14 @@ class Client:
                 self.limits.settle(reservation, 0)  # a refused request is not charged against the quota
                 log.info(
                     "429 from the endpoint: pausing every worker for %.2f s", wait_s,
-                    extra={"event": "paused_on_429", "wait_s": round(wait_s, 3), "row_id": task.row_id},
+                    extra={"event": "paused_on_429", "wait_s": round(wait_s, 3), "row_id": row_id},
                 )  # fmt: skip
                 self.limits.pause(wait_s)  # every worker waits: the quota is shared
             else:
                 with contextlib.suppress(TimeoutError):  # a stop cuts the wait short; acquire then says so
                     await asyncio.wait_for(self._stopping.wait(), wait_s)
         raise ApiError(
-            task.row_id,
+            row_id,
             f"gave up after {cfg.max_attempts} attempts; last: {last_reason}",
             status=last_status,
             kind=ErrorKind.RETRIES_EXHAUSTED,

@@ -1,13 +1,13 @@
 """What a run of a manifest under a config will cost and how long it will take, before anything is sent.
 
-A row's prompt tokens are counted as the run counts them (``client.build_body``, then
-``tokens.count_prompt_tokens``) with each image's size read from its header by ``images.measure_image``,
-under the run's own refusals: nothing is decoded, and the run's downscaled image bills the same as the
-original. An http(s) image is sized only with ``probe_urls`` (``remote.probe_image``: a Range request for
+A row's prompt tokens are counted by the run's own request plan (``request.plan_request``) with each
+image's size read from its header by ``images.measure_image``, under the run's own refusals: nothing is
+decoded, and the run's downscaled image bills the same as the original. An http(s) image is sized only with ``probe_urls`` (``remote.probe_image``: a Range request for
 its first bytes, under the download's address rules); an unsized image is counted at the most an image of
 its detail can cost, as the run's reservation counts it. Rows the run would fail (bad manifest row,
-missing or unsupported file, too many pixels or bytes, more than limits.tokens_per_minute) are counted by
-reason with the run's own error text and cost nothing. A file damaged past its header is found only by the
+missing or unsupported file, too many pixels or bytes, too many images, over the model's context or
+limits.tokens_per_minute) are counted by their ``ErrorKind`` with the run's own error text and cost
+nothing. A file damaged past its header is found only by the
 run, which decodes it.
 
 This module is the edge (the manifest, sizing threads, URL probes, the observed output, the ``--per-row``
@@ -29,10 +29,9 @@ from typing import Self
 import aiohttp
 import pyarrow as pa
 
-from pipeline.client import build_body, endpoint_for, oversize_reason
 from pipeline.config import RunConfig
-from pipeline.images import SUPPORTED_NAMES, measure_image, shorten_url
-from pipeline.manifest import manifest_base_dir, read_manifest
+from pipeline.images import measure_image, shorten_url
+from pipeline.manifest import Skipped, manifest_base_dir, read_manifest
 from pipeline.plan import (
     Estimate,
     Observed,
@@ -46,7 +45,6 @@ from pipeline.plan import (
 )
 from pipeline.pricing import Price, price_for_run
 from pipeline.records import (
-    ApiError,
     ConfigError,
     Detail,
     ErrorKind,
@@ -57,9 +55,8 @@ from pipeline.records import (
     RowError,
 )
 from pipeline.remote import is_remote_url, open_session, probe_image
-from pipeline.request import MAX_IMAGES_PER_REQUEST
+from pipeline.request import plan_request
 from pipeline.sink import ESTIMATE_ROWS_SCHEMA, ParquetFileWriter, read_output, rows_to_table
-from pipeline.tokens import count_prompt_tokens
 
 CHUNK_ROWS = 2048  # rows read, sized and tallied together: memory stays flat whatever the manifest's size
 SIZING_THREADS = 4  # header reads are mostly Python under the GIL; threads pay off on slow or network disks
@@ -67,23 +64,8 @@ PROBE_CONCURRENCY = 16
 PROBE_TIMEOUT_S = 10.0  # one probe
 PROBE_BUDGET_S = 120.0  # all probes together; URLs left when it is spent stay unsized
 NOT_PROBED = "http(s) URL, not probed (--probe-urls)"
-PLACEHOLDER_URL = "https://estimate.invalid/image"  # an image's URL costs no tokens; only its size does
+PLACEHOLDER_URL = "data:image/jpeg;base64,"  # a prepared image's data URL costs no tokens; only its size does
 OBSERVED_COLUMNS = ("id", "status", "prompt_tokens", "completion_tokens", "latency_s")
-# A failing row is listed under the first reason whose marker its error holds; the texts are the run's.
-_REASONS = (
-    ("too many images", f"at most {MAX_IMAGES_PER_REQUEST} per request"),
-    ("file not found", "file not found"),
-    ("over the size limit", "images.max_image_bytes"),
-    ("too many pixels", "too many pixels"),
-    ("unsupported format", f"not a {SUPPORTED_NAMES} image"),
-    ("unsupported format", "URLs are not supported"),
-    ("unsupported format", "cannot read AVIF"),
-    ("unsupported format", "no HEIF reader"),
-    ("outside the allowed folders", "outside the manifest's folder"),
-    ("outside the allowed folders", "outside images.allowed_roots"),
-    ("over the tokens-per-minute budget", "limits.tokens_per_minute"),
-)
-
 Size = tuple[int, int]
 
 
@@ -111,37 +93,30 @@ class ImageSize:
 # ---- one row, counted as the run counts it (pure) -------------------------------------------------------
 
 
-def reason_of(err: RowError) -> str:
-    """The kind of a row's failure, to count failing rows by."""
-    for label, marker in _REASONS:
-        if marker in err.reason:
-            return label
-    return "bad manifest row" if isinstance(err, ManifestError) else "unreadable image"
-
-
 def failed_row(err: RowError, *, line: int, detail: Detail | None = None, images: int = 0) -> RowEstimate:
     """A row the run would commit as an error with `err`."""
-    return RowEstimate(err.row_id, line, detail, images, error=str(err), reason=reason_of(err))
+    return RowEstimate(err.row_id, line, detail, images, error=str(err), error_kind=str(err.kind))
 
 
 def estimate_row(task: ImageTask, sized: Sequence[ImageSize] | RowError, cfg: RunConfig) -> RowEstimate:
-    """One row's prompt tokens, counted as the run counts them, or the error the run would commit."""
+    """One row's prompt tokens, counted by the run's own request plan, or the error the run would commit."""
     if isinstance(sized, RowError):
         return failed_row(sized, line=task.line, detail=task.detail, images=len(task.images))
-    model_in_body = cfg.endpoint.model if endpoint_for(cfg.endpoint, None).sends_model else None
-    placeholders = [PreparedImage(PLACEHOLDER_URL, None, None) for _ in sized]
-    messages = build_body(task, placeholders, cfg.request, model_in_body)["messages"]
-    model = cfg.endpoint.model
-    prompt = count_prompt_tokens(messages, [image.size for image in sized], model)
-    reserved = prompt
-    if any(image.is_remote and image.size for image in sized):  # the run counts http(s) images at their most
-        reserved = count_prompt_tokens(messages, [None if i.is_remote else i.size for i in sized], model)
+    images = [_stand_in(ref, image) for ref, image in zip(task.images, sized, strict=True)]
+    plan = plan_request(task, images, cfg)
     because = tuple(image.unsized_because or NOT_PROBED for image in sized if image.size is None)
-    row = RowEstimate(task.row_id, task.line, task.detail, len(sized), prompt, unsized_because=because)
-    if (too_big := oversize_reason(reserved, cfg.request, cfg.limits)) is not None:  # the run's refusal
-        err = ApiError(task.row_id, too_big, status=None, kind=ErrorKind.OVER_BUDGET)
-        return replace(row, error=str(err), reason=reason_of(err))
+    row = RowEstimate(
+        task.row_id, task.line, task.detail, len(sized), plan.estimated_prompt_tokens, unsized_because=because
+    )
+    if plan.refusal is not None:  # the run's own refusal, in its words
+        return replace(row, error=str(plan.refusal), error_kind=str(plan.refusal.kind))
     return row
+
+
+def _stand_in(ref: str, image: ImageSize) -> PreparedImage:
+    """What the plan needs of an image: its size, and whether the run sends it as an http(s) URL."""
+    width, height = image.size or (None, None)
+    return PreparedImage(ref if image.is_remote else PLACEHOLDER_URL, width, height)
 
 
 # ---- the edges: manifest, sizing threads, URL probes, Parquet --------------------------------------------
@@ -185,11 +160,13 @@ async def estimate(cfg: RunConfig, options: EstimateOptions) -> Estimate:
 
 
 def _first_seen(
-    items: Sequence[ImageTask | ManifestError], seen: set[str]
+    items: Sequence[ImageTask | ManifestError | Skipped], seen: set[str]
 ) -> list[ImageTask | ManifestError]:
     """The items whose id was not seen before: the run keeps the first row of a repeated id."""
     fresh = []
     for item in items:
+        if isinstance(item, Skipped):  # none: the estimate reads the manifest with nothing to skip
+            continue
         if item.row_id not in seen:
             seen.add(item.row_id)
             fresh.append(item)
@@ -285,7 +262,7 @@ class _Sizer:
     def _remote(self, row_id: str, url: str) -> ImageSize | ImageError:
         result = self.probes.get(url, ImageSize(None, True, NOT_PROBED))
         if isinstance(result, str):
-            return ImageError(row_id, result, path=shorten_url(url))
+            return ImageError(row_id, result, kind=ErrorKind.TOO_LARGE, path=shorten_url(url))
         # with images.fetch_remote the run downloads the image and counts its size like a file's
         return replace(result, is_remote=False) if self.cfg.images.fetch_remote else result
 

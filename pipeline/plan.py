@@ -23,7 +23,7 @@ value is null, money is US dollars::
                      rows_per_window_by_tokens, rows_per_window_by_requests,
                      binding: "tokens_per_minute" | "requests_per_minute", rows_per_min, duration_h,
                      window_h, fits_window, concurrency_rows_per_min (a note: concurrency / observed latency)}
-    failing         {reason: {rows, row_ids}}               row_ids: the first LISTED_IDS_PER_REASON
+    failing         {error_kind: {rows, row_ids}}           row_ids: the first LISTED_IDS_PER_KIND
     observed        null | {output, ok_rows, mean_completion_tokens, mean_latency_s, rows (compared: ok
                      rows of the output whose id is to send), differing_rows, differing_ids,
                      estimated_prompt_tokens, billed_prompt_tokens, billed_completion_tokens,
@@ -31,7 +31,8 @@ value is null, money is US dollars::
 
 Per-row Parquet (``--per-row``), one row per manifest row: ``id``, ``line``, ``detail``, ``images``,
 ``unsized_images``, ``prompt_tokens``, ``cost_usd`` (prompt at the input price plus the expected
-completion at the output price; null for a failing row), ``reason`` and ``error`` (null unless failing).
+completion at the output price; null for a failing row), ``error_kind`` and ``error`` (null unless
+failing).
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ from pipeline.tokens import max_image_tokens
 
 SCHEMA = "vision-pipeline/estimate/1"
 DEFAULT_COMPLETION_SHARE = 0.5  # without --observed, a row is assumed to use half of max_tokens
-LISTED_IDS_PER_REASON = 100
+LISTED_IDS_PER_KIND = 100
 LISTED_DIFFERING_IDS = 20
-PRINTED_IDS_PER_REASON = 10
+PRINTED_IDS_PER_KIND = 10
 _WINDOW_PART = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
 _UNIT_H = {"d": 24.0, "h": 1.0, "m": 1 / 60, "s": 1 / 3600}
 
@@ -66,7 +67,7 @@ class RowEstimate:
     images: int
     prompt_tokens: int | None = None  # as the service bills them; None when the row fails before counting
     error: str | None = None  # the error the run would commit; None for a row it would send
-    reason: str | None = None  # the error's kind, to count failing rows by
+    error_kind: str | None = None  # records.ErrorKind of the error: what failing rows are counted by
     unsized_because: tuple[str, ...] = ()  # one cause per image not sized
 
 
@@ -103,7 +104,7 @@ class Tally:
     prompt_tokens: int = 0
     images_by_detail: Mapping[str, int] = field(default_factory=dict)
     unsized_because: Mapping[str, int] = field(default_factory=dict)
-    failing: Mapping[str, int] = field(default_factory=dict)  # rows by reason
+    failing: Mapping[str, int] = field(default_factory=dict)  # rows by error_kind
     failing_ids: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     comparison: Comparison = field(default_factory=Comparison)
 
@@ -167,15 +168,15 @@ def tally_rows(
         Counter(tally.unsized_because),
         Counter(tally.failing),
     )
-    failing_ids = {reason: list(ids) for reason, ids in tally.failing_ids.items()}
+    failing_ids = {kind: list(ids) for kind, ids in tally.failing_ids.items()}
     c = asdict(tally.comparison)
     differing_ids = list(c.pop("differing_ids"))
     for row in rows:
         read += 1
         if row.error is not None or row.prompt_tokens is None:
-            failing[row.reason or "unknown"] += 1
-            listed = failing_ids.setdefault(row.reason or "unknown", [])
-            if len(listed) < LISTED_IDS_PER_REASON:
+            failing[row.error_kind or "unexpected"] += 1
+            listed = failing_ids.setdefault(row.error_kind or "unexpected", [])
+            if len(listed) < LISTED_IDS_PER_KIND:
                 listed.append(row.row_id)
             continue
         to_send += 1
@@ -198,7 +199,7 @@ def tally_rows(
         dict(images),
         dict(unsized),
         dict(failing),
-        {reason: tuple(ids) for reason, ids in failing_ids.items()},
+        {kind: tuple(ids) for kind, ids in failing_ids.items()},
         Comparison(**c, differing_ids=tuple(differing_ids)),
     )
 
@@ -339,7 +340,7 @@ def per_row_record(row: RowEstimate, price: Price, expected_completion_tokens: f
         "unsized_images": len(row.unsized_because),
         "prompt_tokens": row.prompt_tokens,
         "cost_usd": cost_usd(row.prompt_tokens or 0, expected_completion_tokens, price) if is_sent else None,
-        "reason": row.reason,
+        "error_kind": row.error_kind,
         "error": row.error,
     }
 
@@ -393,8 +394,8 @@ def estimate_as_json(e: Estimate) -> dict[str, Any]:
         "batch_cost": asdict(e.batch_cost),
         "duration": asdict(e.duration),
         "failing": {
-            reason: {"rows": n, "row_ids": list(t.failing_ids.get(reason, ()))}
-            for reason, n in sorted(t.failing.items())
+            kind: {"rows": n, "row_ids": list(t.failing_ids.get(kind, ()))}
+            for kind, n in sorted(t.failing.items())
         },
         "observed": observed,
     }
@@ -454,10 +455,10 @@ def format_estimate(e: Estimate) -> str:
     if d.window_h is not None:
         verdict = "fits" if d.fits_window else "does NOT fit"
         lines.append(f"window {_hours(d.window_h)}: {verdict} ({d.duration_h / d.window_h:.0%} of it)")
-    for reason, n in sorted(t.failing.items()):
-        shown = t.failing_ids.get(reason, ())[:PRINTED_IDS_PER_REASON]
+    for kind, n in sorted(t.failing.items()):
+        shown = t.failing_ids.get(kind, ())[:PRINTED_IDS_PER_KIND]
         more = f" and {n - len(shown):,} more" if n > len(shown) else ""
-        lines.append(f"would fail, {reason}: {n:,} ({', '.join(shown)}{more})")
+        lines.append(f"would fail, {kind}: {n:,} ({', '.join(shown)}{more})")
     if o is not None:
         c = t.comparison
         estimated_usd, billed_usd = _compared_costs(e)

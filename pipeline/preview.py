@@ -1,27 +1,32 @@
 """What a run would send first, shown and not sent: ``vision-pipeline run --dry-run``.
 
 The first manifest row that a run would send (committed ids skipped, rows that would fail before
-sending passed over and counted), its images prepared exactly as the run prepares them, its request body
-with every data URL shortened, the endpoint URL, how the key would be sent (never the key), and the
-tokens the request would reserve. Nothing is sent and the output folder is neither created nor changed.
+sending passed over and counted), its images prepared (with images.fetch_remote, downloaded) and its
+request planned by the run's own steps; shown are the body with every data URL shortened, the endpoint
+URL, how the key would be sent (never the key), and the tokens the request would reserve. Nothing is sent and the output folder is neither created nor changed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from pipeline import checkpoint
-from pipeline.client import build_body, endpoint_for
+from pipeline.captioner import prepare_images
+from pipeline.client import endpoint_for
 from pipeline.config import RunConfig
-from pipeline.images import check_request_size, prepare_image, shorten_url
-from pipeline.manifest import manifest_base_dir, read_manifest
+from pipeline.images import image_threads, shorten_url
+from pipeline.manifest import Skipped, manifest_base_dir, read_manifest
 from pipeline.records import ManifestError, RowError
-from pipeline.tokens import count_prompt_tokens
+from pipeline.request import RequestPlan, plan_request
 
+BATCH_ROWS = 256  # manifest rows read per thread hop
 EMULATOR_URL = "(the in-process emulator, on a loopback port chosen when the run starts)"
 
 
@@ -33,6 +38,9 @@ class Preview:
     manifest_line: int | None
     body: Mapping[str, Any] | None  # data URLs shortened
     estimated_prompt_tokens: int | None
+    reserve_tokens: (
+        int | None
+    )  # what the limiter books for it: prompt (http(s) images at their most) + max_tokens
     max_tokens: int
     tokens_per_minute: int
     rows_committed: int  # skipped: committed by an earlier run
@@ -68,7 +76,7 @@ def describe_auth(cfg: RunConfig, environ: Mapping[str, str]) -> str:
     return f"{header}: the key in ${ep.api_key_env} ({state})"
 
 
-def preview_first_request(
+async def preview_first_request(
     cfg: RunConfig,
     manifest: Path,
     output: Path,
@@ -76,72 +84,79 @@ def preview_first_request(
     retry_failed: bool = False,
     environ: Mapping[str, str] | None = None,
 ) -> Preview:
-    """Build, without sending, the first request a run of `manifest` into `output` would send. Blocking.
+    """Build, without sending, the first request a run of `manifest` into `output` would send.
 
-    Raises ConfigError when the manifest cannot be read.
+    The row's images are prepared (and, with images.fetch_remote, downloaded) and its request planned
+    by the run's own steps (``captioner.prepare_images``, ``request.plan_request``). Raises ConfigError
+    when the manifest cannot be read.
     """
     environ = os.environ if environ is None else environ
-    skip = checkpoint.committed_ids(output) if output.is_dir() else checkpoint.IdSet()
-    if retry_failed and len(skip):
-        skip.difference_update(checkpoint.failed_ids(output))
-    endpoint = endpoint_for(cfg.endpoint, None)  # no key: the headers are not shown
+    skip = await asyncio.to_thread(_skipped_ids, output, retry_failed)
     base_dir = manifest_base_dir(manifest)
     committed = failing = 0
     first_failure: str | None = None
     seen: set[str] = set()
-    found = None
-    for item in read_manifest(manifest, cfg.request):
-        if item.row_id in skip:
-            committed += 1
-            continue
-        if item.row_id in seen:
-            continue  # a repeated id: the run ignores it too
-        seen.add(item.row_id)
-        if isinstance(item, ManifestError):
-            failing, first_failure = failing + 1, first_failure or str(item)
-            continue
-        try:
-            images = [
-                prepare_image(ref, base_dir=base_dir, detail=item.detail, cfg=cfg.images, row_id=item.row_id)
-                for ref in item.images
-            ]
-            check_request_size(images, cfg=cfg.images, row_id=item.row_id)
-        except RowError as err:
-            failing, first_failure = failing + 1, first_failure or str(err)
-            continue
-        found = (item, images)
-        break
-    common = {
-        "endpoint_url": EMULATOR_URL if cfg.endpoint.provider == "emulator" else endpoint.url,
-        "auth": describe_auth(cfg, environ),
-        "max_tokens": cfg.request.max_tokens,
-        "tokens_per_minute": cfg.limits.tokens_per_minute,
-        "rows_committed": committed,
-        "rows_failing": failing,
-        "first_failure": first_failure,
-    }
-    if found is None:
-        return Preview(row_id=None, manifest_line=None, body=None, estimated_prompt_tokens=None, **common)
-    task, images = found
-    body = build_body(task, images, cfg.request, cfg.endpoint.model if endpoint.sends_model else None)
-    sizes = [(i.width, i.height) if i.width and i.height else None for i in images]
-    estimated = count_prompt_tokens(body["messages"], sizes, cfg.endpoint.model)
-    return Preview(
-        row_id=task.row_id,
-        manifest_line=task.line,
-        body=shorten_body(body),
-        estimated_prompt_tokens=estimated,
-        **common,
+    found: RequestPlan | None = None
+    rows = read_manifest(manifest, cfg.request)
+    with ThreadPoolExecutor(image_threads(cfg.images), thread_name_prefix="preview-images") as pool:
+        while found is None and (batch := await asyncio.to_thread(lambda: list(islice(rows, BATCH_ROWS)))):
+            for item in batch:
+                if item.row_id in skip:
+                    committed += 1
+                    continue
+                if item.row_id in seen or isinstance(item, Skipped):
+                    continue  # a repeated id: the run ignores it too
+                seen.add(item.row_id)
+                try:
+                    if isinstance(item, ManifestError):
+                        raise item
+                    plan = plan_request(item, await prepare_images(item, base_dir, cfg, pool), cfg)
+                    if plan.refusal is not None:
+                        raise plan.refusal
+                except RowError as err:
+                    failing, first_failure = failing + 1, first_failure or str(err)
+                    continue
+                found = plan
+                break
+    nothing = Preview(
+        endpoint_url=EMULATOR_URL
+        if cfg.endpoint.provider == "emulator"
+        else endpoint_for(cfg.endpoint, None).url,
+        auth=describe_auth(cfg, environ),
+        row_id=None,
+        manifest_line=None,
+        body=None,
+        estimated_prompt_tokens=None,
+        reserve_tokens=None,
+        max_tokens=cfg.request.max_tokens,
+        tokens_per_minute=cfg.limits.tokens_per_minute,
+        rows_committed=committed,
+        rows_failing=failing,
+        first_failure=first_failure,
     )
+    if found is None:
+        return nothing
+    return replace(
+        nothing,
+        row_id=found.task.row_id,
+        manifest_line=found.task.line,
+        body=shorten_body(found.body),
+        estimated_prompt_tokens=found.estimated_prompt_tokens,
+        reserve_tokens=found.reserve_tokens,
+    )
+
+
+def _skipped_ids(output: Path, retry_failed: bool) -> checkpoint.IdSet:
+    """The ids a run would skip: committed ones, less the failed ones with --retry-failed. Blocking."""
+    skip = checkpoint.committed_ids(output) if output.is_dir() else checkpoint.IdSet()
+    if retry_failed and len(skip):
+        skip.difference_update(checkpoint.failed_ids(output))
+    return skip
 
 
 def preview_as_json(preview: Preview) -> dict[str, Any]:
     """The preview as the one JSON object `--dry-run` prints."""
-    reserved = (
-        None
-        if preview.estimated_prompt_tokens is None
-        else preview.estimated_prompt_tokens + preview.max_tokens
-    )
+    reserved = preview.reserve_tokens
     return {
         "dry_run": True,
         "sent": False,

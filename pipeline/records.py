@@ -8,13 +8,35 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 Detail = Literal["low", "high", "auto"]
 Status = Literal["ok", "filtered", "error"]
+JsonObject = Mapping[str, Any]
 
 DETAILS: tuple[Detail, ...] = ("low", "high", "auto")
 FILTER_CATEGORIES = ("hate", "self_harm", "sexual", "violence")
+
+
+class ErrorKind(StrEnum):
+    """Why a row failed, set where the error is raised: the ``error_kind`` column, and what the estimate
+    groups failing rows by. Never derived from a message's text."""
+
+    BAD_MANIFEST_ROW = "bad_manifest_row"  # a row the manifest cannot give: bad JSON, no image, bad cell
+    MISSING_FILE = "missing_file"
+    UNREADABLE_IMAGE = "unreadable_image"  # damaged, truncated, or a file that cannot be read
+    UNSUPPORTED_FORMAT = "unsupported_format"  # not an image format we (or the service) read
+    WRONG_EXTENSION = "wrong_extension"  # a PNG named .jpg (images.extension_must_match)
+    OUTSIDE_ALLOWED_FOLDERS = "outside_allowed_folders"
+    TOO_MANY_PIXELS = "too_many_pixels"  # over images.max_pixels
+    TOO_LARGE = "too_large"  # bytes over images.max_image_bytes or images.max_request_bytes
+    TOO_MANY_IMAGES = "too_many_images"  # more than the service takes in one request
+    DOWNLOAD_FAILED = "download_failed"  # an http(s) image that images.fetch_remote could not fetch
+    OVER_BUDGET = "over_budget"  # reserves more than the minute's token budget: never admitted
+    OVER_CONTEXT = "over_context"  # the prompt is longer than the model's context
+    HTTP_4XX = "http_4xx"  # the endpoint refused this row (400, 413, 422 ...): sending it again won't help
+    RETRIES_EXHAUSTED = "retries_exhausted"  # 429, 5xx, timeouts or dropped connections until out of attempts
+    UNEXPECTED = "unexpected"  # a surprise in our code: the traceback is in the log with the row's id
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +121,30 @@ class VisionResult:
     finished_at: float | None = None
     http_status: int | None = None
     error: str | None = None
+    error_kind: ErrorKind | None = None  # set on every error row
+    response_extra: str | None = None  # JSON of what the response held that no column models
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """The service's last answer to one request that is a result: a completion (HTTP 200), or a prompt
+    the content filter refused (HTTP 400, code content_filter). A transport returns it; ``results.py``
+    reads it."""
+
+    http_status: int
+    body: JsonObject
+    attempts: int  # requests sent for the row, retries included
+
+
+@dataclass(frozen=True, slots=True)
+class TransportCounters:
+    """What a transport has met so far, for the progress display, the metrics and ``_stats.json``."""
+
+    http_429s: int = 0
+    retries_by_cause: Mapping[str, int] = field(default_factory=dict)  # see client.retry_cause
+    pauses: int = 0  # 429 cool-downs
+    paused_s: float = 0.0  # time every worker was held by them
+    is_paused: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,27 +185,6 @@ class RunProgress:
 #   ConfigError                   a setting is wrong: exit 2 before anything is sent
 #   NotSent                       the run is stopping; the row stays uncommitted for the next run
 #   RunAborted                    the endpoint refuses every row (key, deployment, quota): exit 3
-
-
-class ErrorKind(StrEnum):
-    """Why a row failed, set where the error is raised: the ``error_kind`` column, and what the estimate
-    groups failing rows by. Never derived from a message's text."""
-
-    BAD_MANIFEST_ROW = "bad_manifest_row"  # a row the manifest cannot give: bad JSON, no image, bad cell
-    MISSING_FILE = "missing_file"
-    UNREADABLE_IMAGE = "unreadable_image"  # damaged, truncated, or a file that cannot be read
-    UNSUPPORTED_FORMAT = "unsupported_format"  # not an image format we (or the service) read
-    WRONG_EXTENSION = "wrong_extension"  # a PNG named .jpg (images.extension_must_match)
-    OUTSIDE_ALLOWED_FOLDERS = "outside_allowed_folders"
-    TOO_MANY_PIXELS = "too_many_pixels"  # over images.max_pixels
-    TOO_LARGE = "too_large"  # bytes over images.max_image_bytes or images.max_request_bytes
-    TOO_MANY_IMAGES = "too_many_images"  # more than the service takes in one request
-    DOWNLOAD_FAILED = "download_failed"  # an http(s) image that images.fetch_remote could not fetch
-    OVER_BUDGET = "over_budget"  # reserves more than the minute's token budget: never admitted
-    OVER_CONTEXT = "over_context"  # the prompt is longer than the model's context
-    HTTP_4XX = "http_4xx"  # the endpoint refused this row (400, 413, 422 ...): sending it again won't help
-    RETRIES_EXHAUSTED = "retries_exhausted"  # 429, 5xx, timeouts or dropped connections until out of attempts
-    UNEXPECTED = "unexpected"  # a surprise in our code: the traceback is in the log with the row's id
 
 
 class RowError(Exception):

@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageOps
 
+from pipeline.exits import EXIT_MEANINGS
 from pipeline.records import FILTER_CATEGORIES
-from pipeline.runner import EXIT_MEANINGS
 from pipeline.sink import RUN_FILE, read_output
 from pipeline.status import STATUS_COLUMNS, OutputStatus, read_status
 

@@ -19,7 +19,7 @@ import time
 from array import array
 from collections import Counter
 from collections.abc import AsyncIterator, Container, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -27,53 +27,36 @@ from pathlib import Path
 import aiohttp
 
 from pipeline import checkpoint
-from pipeline.client import Client, Outcome, build_body, endpoint_for, oversize_reason
+from pipeline.captioner import Captioner
+from pipeline.client import Client, endpoint_for
 from pipeline.config import RunConfig, api_key
-from pipeline.images import (
-    check_request_size,
-    image_threads,
-    prepare_image,
-    prepare_image_bytes,
-    reuse_freed_image_memory,
+from pipeline.exits import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_OUTPUT_FAILED,
+    EXIT_REFUSED,
+    EXIT_ROW_ERRORS,
+    EXIT_USAGE,
 )
+from pipeline.images import image_threads, reuse_freed_image_memory
 from pipeline.limits import Limits
 from pipeline.manifest import Skipped, count_rows, manifest_base_dir, read_manifest
 from pipeline.metrics import publish_metrics
-from pipeline.pricing import Price, price_for_run, usage_cost_usd
+from pipeline.pricing import Price, price_for_run
 from pipeline.progress import show_progress
 from pipeline.records import (
-    ApiError,
     ConfigError,
-    ErrorKind,
     ImageTask,
     ManifestError,
     NotSent,
-    PreparedImage,
-    RowError,
     RunAborted,
     RunProgress,
     VisionResult,
 )
-from pipeline.remote import fetch_image, is_remote_url, open_session
+from pipeline.results import manifest_failure
 from pipeline.sink import STATS_FILE, Sink, write_json_atomic
-from pipeline.tokens import count_prompt_tokens
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0  # every row ok or filtered
-EXIT_ROW_ERRORS = 1  # some rows ended in error (they are committed with the reason)
-EXIT_USAGE = 2  # bad usage or config
-EXIT_REFUSED = 3  # the endpoint refused us: key, deployment, route, or a quota that is gone
-EXIT_OUTPUT_FAILED = 4  # the output could not be written (disk full, permissions); committed rows stay valid
-EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM
-EXIT_MEANINGS = {  # for --help, the README's table and the report
-    EXIT_OK: "every row ok or filtered",
-    EXIT_ROW_ERRORS: "some rows ended in error",
-    EXIT_USAGE: "bad usage or config",
-    EXIT_REFUSED: "the endpoint refused us (key, deployment, route, quota gone)",
-    EXIT_OUTPUT_FAILED: "the output could not be written",
-    EXIT_INTERRUPTED: "interrupted",
-}
 
 MANIFEST_BATCH_ROWS = 256  # rows read per thread hop
 QUEUE_ROWS_PER_WORKER = 2
@@ -190,10 +173,13 @@ async def _run_locked(cfg: RunConfig, options: RunOptions, key: str | None) -> R
         reuse_freed_image_memory()
         image_pool = ThreadPoolExecutor(image_threads(cfg.images), thread_name_prefix="images")
         stack.callback(image_pool.shutdown, wait=True, cancel_futures=True)
-        stages = _Stages(
-            cfg, options, client, Sink(options.output, cfg.output, run_id), resume.skip, image_pool
+        base_dir = manifest_base_dir(options.manifest)
+        captioner = Captioner(
+            cfg, client, base_dir=base_dir, image_pool=image_pool, price=_price_or_none(cfg)
         )
+        stages = _Stages(cfg, options, captioner, Sink(options.output, cfg.output, run_id), resume.skip)
         await stages.run()
+    counters = client.counters()
     if resume.retrying and stages.stop_code != EXIT_OUTPUT_FAILED:
         superseded = await asyncio.to_thread(checkpoint.compact, options.output)
         log.info("retried rows replaced %d earlier error rows", superseded)
@@ -207,16 +193,16 @@ async def _run_locked(cfg: RunConfig, options: RunOptions, key: str | None) -> R
         duplicates=tally.duplicates,
         prompt_tokens=tally.prompt_tokens,
         completion_tokens=tally.completion_tokens,
-        cost_usd=round(tally.cost_usd, 6) if stages.price else None,
+        cost_usd=round(tally.cost_usd, 6) if captioner.price else None,
         retries=tally.retries,
-        pauses=limits.pauses,
-        paused_s=round(limits.paused_s, 3),
+        pauses=counters.pauses,
+        paused_s=round(counters.paused_s, 3),
         duration_s=round(duration_s, 3),
         exit_code=stages.exit_code(),
         stopped_because=stages.stopped_because,
         rows_per_s=round(sum(tally.counts.values()) / duration_s, 3) if duration_s > 0 else 0.0,
-        http_429s=client.http_429s,
-        retries_by_cause=dict(sorted(client.retries_by_cause.items())),
+        http_429s=counters.http_429s,
+        retries_by_cause=dict(sorted(counters.retries_by_cause.items())),
         latency_percentiles_s=latency_percentiles(tally.latencies_s),
     )
     stats = summary_as_dict(summary)
@@ -268,24 +254,15 @@ class _Stages:
     """One run's producer, workers and sink, and how they stop."""
 
     def __init__(
-        self,
-        cfg: RunConfig,
-        options: RunOptions,
-        client: Client,
-        sink: Sink,
-        prior: Container[str],
-        image_pool: Executor,
+        self, cfg: RunConfig, options: RunOptions, captioner: Captioner, sink: Sink, prior: Container[str]
     ) -> None:
         self.cfg = cfg
         self.options = options
-        self.client = client
+        self.captioner = captioner
+        self.transport = captioner.transport
         self.sink = sink
-        self.image_pool = image_pool  # decodes and encodes images; the loop's default pool keeps to file I/O
         self.prior = prior  # ids committed by earlier runs; read by the manifest's thread, never changed
         self.taken: set[str] = set()  # ids taken up in this run, to tell duplicates from resumed rows
-        self.price = _price_or_none(cfg)
-        self.base_dir = manifest_base_dir(options.manifest)
-        self.model_in_body = cfg.endpoint.model if client.endpoint.sends_model else None
         self.tally = _Tally()
         self.queue: asyncio.Queue[ImageTask | None] = asyncio.Queue(
             QUEUE_ROWS_PER_WORKER * cfg.limits.concurrency
@@ -381,7 +358,7 @@ class _Stages:
             grace_s,
         )
         self.stopping.set()
-        self.client.stop_sending()  # rows waiting for the budget or a retry would not finish in time
+        self.transport.stop_sending()  # rows waiting for the budget or a retry would not finish in time
         self.stop_code, self.stopped_because = EXIT_INTERRUPTED, f"interrupted by {signame}"
         asyncio.get_running_loop().call_later(grace_s, self.cancel)
 
@@ -398,7 +375,7 @@ class _Stages:
 
     def progress(self) -> RunProgress:
         """How far the run has got, for the progress display and the metrics file."""
-        tally, limits = self.tally, self.client.limits
+        tally, counters = self.tally, self.transport.counters()
         return RunProgress(
             elapsed_s=asyncio.get_running_loop().time() - self.started,
             rows_total=self.rows_total,
@@ -409,11 +386,11 @@ class _Stages:
             error=tally.counts["error"],
             prompt_tokens=tally.prompt_tokens,
             completion_tokens=tally.completion_tokens,
-            cost_usd=round(tally.cost_usd, 6) if self.price else None,
-            http_429s=self.client.http_429s,
-            retries=sum(self.client.retries_by_cause.values()),
-            paused_s=limits.paused_s,
-            is_paused=limits.is_paused,
+            cost_usd=round(tally.cost_usd, 6) if self.captioner.price else None,
+            http_429s=counters.http_429s,
+            retries=sum(counters.retries_by_cause.values()),
+            paused_s=counters.paused_s,
+            is_paused=counters.is_paused,
             tokens_per_minute=self.cfg.limits.tokens_per_minute,
         )
 
@@ -443,7 +420,7 @@ class _Stages:
             self.taken.add(item.row_id)
             if isinstance(item, ManifestError):
                 log.warning("%s", item)
-                await self.commit(_manifest_failure(item, self.cfg))
+                await self.commit(manifest_failure(item, self.cfg))
             else:
                 await self.queue.put(item)  # waits while the workers are busy: back-pressure
         for _ in range(self.cfg.limits.concurrency):
@@ -453,47 +430,11 @@ class _Stages:
         while (task := await self.queue.get()) is not None:
             if self.stopping.is_set():
                 continue  # drain without sending: these rows stay uncommitted for the next run
-            if (result := await self.serve(task)) is not None:
-                await self.commit(result)
-
-    async def serve(self, task: ImageTask) -> VisionResult | None:
-        """One row from images to answer; a row's failure becomes its result, a run's failure raises.
-
-        None: the run is stopping and the row was not sent; it stays uncommitted for the next run.
-        """
-        cfg, loop = self.cfg, asyncio.get_running_loop()
-        started_at, started = time.time(), loop.time()
-        estimated: int | None = None
-        try:
-            images = await _prepare_images(task, self.base_dir, cfg, self.image_pool)
-            body = build_body(task, images, cfg.request, self.model_in_body)
-            sizes = [(i.width, i.height) if i.width and i.height else None for i in images]
-            estimated = count_prompt_tokens(body["messages"], sizes, cfg.endpoint.model)
-            if (too_big := oversize_reason(estimated, cfg.request, cfg.limits)) is not None:
-                raise ApiError(
-                    task.row_id, too_big, status=None, kind=ErrorKind.OVER_BUDGET
-                )  # the limiter could never admit it
-            reserve = estimated + cfg.request.max_tokens
-            result = _answered(
-                task, await self.client.caption(task, body, reserve), cfg, estimated, self.price
-            )
-        except RunAborted:
-            raise
-        except NotSent:
-            return None
-        except RowError as err:
-            result = _failed(task, err, cfg, estimated)
-        except Exception as err:  # a surprise fails this row, not the run
-            log.exception("row %r: unexpected error", task.row_id)
-            result = _failed(
-                task,
-                RowError(task.row_id, f"unexpected {type(err).__name__}: {err}", kind=ErrorKind.UNEXPECTED),
-                cfg,
-                estimated,
-            )
-        return dataclasses.replace(
-            result, started_at=started_at, finished_at=time.time(), latency_s=round(loop.time() - started, 4)
-        )
+            try:
+                result = await self.captioner.caption(task)
+            except NotSent:
+                continue  # the run is stopping; the row stays uncommitted for the next run
+            await self.commit(result)
 
 
 LATENCY_PERCENTILES = (50, 90, 99)
@@ -521,72 +462,3 @@ async def _stream_manifest(
     while batch := await asyncio.to_thread(lambda: list(islice(rows, MANIFEST_BATCH_ROWS))):
         for item in batch:
             yield item
-
-
-async def _prepare_images(
-    task: ImageTask, base_dir: Path, cfg: RunConfig, pool: Executor
-) -> list[PreparedImage]:
-    """The row's images ready to send, each decoded and encoded in `pool` (Pillow and libvips block).
-
-    With images.fetch_remote, http(s) images are downloaded first, one after another over a session of
-    this row's, and prepared like local files; otherwise they pass through as URLs. Threads, not
-    processes: libvips and Pillow's decoders release the GIL, and a process pool prepared no more photos
-    per second on 2 cores while it would copy every data URL back (bench/images_bench.py). Raises
-    ImageError for the first image that fails, RowError when the images are too large together.
-    """
-    images, row_id, detail = cfg.images, task.row_id, task.detail
-    downloads: dict[int, bytes] = {}
-    remote = [n for n, ref in enumerate(task.images) if images.fetch_remote and is_remote_url(ref)]
-    if remote:
-        async with open_session(images) as session:
-            for n in remote:
-                downloads[n] = await fetch_image(session, task.images[n], images, row_id=row_id)
-
-    def prepare(n: int, ref: str) -> PreparedImage:
-        if n in downloads:
-            return prepare_image_bytes(downloads[n], ref=ref, detail=detail, cfg=images, row_id=row_id)
-        return prepare_image(ref, base_dir=base_dir, detail=detail, cfg=images, row_id=row_id)
-
-    loop = asyncio.get_running_loop()
-    jobs = [loop.run_in_executor(pool, prepare, n, ref) for n, ref in enumerate(task.images)]
-    prepared = await asyncio.gather(*jobs)  # executor futures, not tasks: the images of a row in parallel
-    check_request_size(prepared, cfg=images, row_id=row_id)
-    return prepared
-
-
-def _answered(
-    task: ImageTask, outcome: Outcome, cfg: RunConfig, estimated: int, price: Price | None
-) -> VisionResult:
-    answer = outcome.answer
-    return VisionResult(
-        task=task,
-        status=outcome.status,
-        model=answer.model or cfg.endpoint.model,
-        estimated_prompt_tokens=estimated,
-        description=answer.description,
-        finish_reason=answer.finish_reason,
-        response_id=answer.response_id,
-        usage=answer.usage,
-        cost_usd=usage_cost_usd(answer.usage, price) if answer.usage and price else None,
-        prompt_filter=answer.prompt_filter,
-        completion_filter=answer.completion_filter,
-        attempts=outcome.attempts,
-        http_status=outcome.http_status,
-    )
-
-
-def _failed(task: ImageTask, err: RowError, cfg: RunConfig, estimated: int | None) -> VisionResult:
-    return VisionResult(
-        task=task,
-        status="error",
-        model=cfg.endpoint.model,
-        estimated_prompt_tokens=estimated,
-        attempts=err.attempts if isinstance(err, ApiError) else 0,
-        http_status=err.status if isinstance(err, ApiError) else None,
-        error=str(err),
-    )
-
-
-def _manifest_failure(err: ManifestError, cfg: RunConfig) -> VisionResult:
-    task = ImageTask(row_id=err.row_id, images=(), prompt="", detail=cfg.request.detail, line=err.line)
-    return VisionResult(task=task, status="error", model=cfg.endpoint.model, error=str(err))

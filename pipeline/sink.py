@@ -59,6 +59,8 @@ SCHEMA = pa.schema(
         pa.field("finished_at", TIMESTAMP),
         pa.field("http_status", pa.int32()),
         pa.field("error", pa.string()),
+        pa.field("error_kind", pa.string()),  # records.ErrorKind, on every error row
+        pa.field("response_extra", pa.string()),  # JSON: what the response held that no column models
         pa.field("run_id", pa.string()),
     ]
 )
@@ -74,7 +76,7 @@ ESTIMATE_ROWS_SCHEMA = pa.schema(
         pa.field("unsized_images", pa.int32()),
         pa.field("prompt_tokens", pa.int64()),
         pa.field("cost_usd", pa.float64()),  # expected: prompt plus the expected completion; null if failing
-        pa.field("reason", pa.string()),  # the kind of failure, null for a row to send
+        pa.field("error_kind", pa.string()),  # records.ErrorKind of the failure, null for a row to send
         pa.field("error", pa.string()),  # the error the run would commit
     ]
 )
@@ -121,6 +123,8 @@ def result_to_row(result: VisionResult, run_id: str) -> dict[str, Any]:
         "finished_at": _millis(result.finished_at),
         "http_status": result.http_status,
         "error": result.error,
+        "error_kind": None if result.error_kind is None else str(result.error_kind),
+        "response_extra": result.response_extra,
         "run_id": run_id,
     }
     for name, value in task.extra.items():

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 import bpe_openai
@@ -34,11 +34,19 @@ TOKENS_PER_MESSAGE = 3
 TOKENS_PER_REPLY = 3
 
 
+# bpe-openai refuses one piece of text of this many characters or more ("Input too long to encode
+# safely"); longer text is counted in pieces cut at line ends or spaces (see text_tokens).
+ENCODE_MAX_CHARS = 1_000_000
+ENCODE_PIECE_CHARS = 256 * 1024
+CACHED_TEXT_CHARS = 4096  # prompts up to this long are counted once per run, however many rows share them
+
+
 @dataclass(frozen=True, slots=True)
 class ModelFamily:
     encoding: str  # the BPE used for text
     image_base_tokens: int  # the low view, billed for every image
     image_tile_tokens: int  # each 512-px tile at high detail
+    context_tokens: int = 128_000  # prompt + max_tokens must fit; the vision models of gpt-4 are 128k
 
 
 GPT4_TURBO = ModelFamily("cl100k_base", 85, 170)
@@ -47,10 +55,10 @@ MODEL_FAMILIES: Mapping[str, ModelFamily] = {
     "gpt-4": GPT4_TURBO,  # gpt-4-turbo, gpt-4-turbo-2024-04-09, gpt-4-vision-preview
     "gpt-4o": ModelFamily("o200k_base", 85, 170),
     "gpt-4o-mini": ModelFamily("o200k_base", 2833, 5667),
-    "gpt-4.1": ModelFamily("o200k_base", 85, 170),
+    "gpt-4.1": ModelFamily("o200k_base", 85, 170, context_tokens=1_047_576),
     "gpt-4.5": ModelFamily("o200k_base", 85, 170),
-    "o1": ModelFamily("o200k_base", 75, 150),
-    "o3": ModelFamily("o200k_base", 75, 150),
+    "o1": ModelFamily("o200k_base", 75, 150, context_tokens=200_000),
+    "o3": ModelFamily("o200k_base", 75, 150, context_tokens=200_000),
 }
 
 
@@ -101,9 +109,42 @@ def _encoding(name: str) -> Any:
 
 
 def text_tokens(text: str, model: str = "gpt-4-turbo") -> int:
-    """Tokens of `text` in the model's encoding (cl100k_base for gpt-4-turbo, o200k_base for gpt-4o)."""
+    """Tokens of `text` in the model's encoding (cl100k_base for gpt-4-turbo, o200k_base for gpt-4o).
+
+    Exact for any text shorter than ENCODE_MAX_CHARS. Longer text (a pasted document in a manifest) is
+    counted in pieces cut before a line end or a space, where the encodings split words anyway; the
+    count may differ from the service's by a token per cut, far less than what decides that such a
+    prompt is over the model's context.
+    """
+    encoding = model_family(model).encoding
+    if len(text) <= CACHED_TEXT_CHARS:
+        return _short_text_tokens(text, encoding)
+    if len(text) < ENCODE_MAX_CHARS:
+        return _count(text, encoding)
+    return sum(_count(piece, encoding) for piece in _pieces(text, ENCODE_PIECE_CHARS))
+
+
+@lru_cache(maxsize=1024)
+def _short_text_tokens(text: str, encoding: str) -> int:
+    return _count(text, encoding)
+
+
+def _count(text: str, encoding: str) -> int:
     # user text that looks like a special token is plain text to the service, not an error
-    return len(_encoding(model_family(model).encoding).encode(text, disallowed_special=()))
+    return len(_encoding(encoding).encode(text, disallowed_special=()))
+
+
+def _pieces(text: str, size: int) -> list[str]:
+    """`text` cut into pieces of at most `size` characters, each cut before a newline or space if any."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        end = start + size
+        cut = max(text.rfind("\n", start + 1, end), text.rfind(" ", start + 1, end))
+        cut = cut if cut > start else end
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
 
 
 def count_prompt_tokens(

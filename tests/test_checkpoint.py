@@ -8,8 +8,9 @@ from conftest import azure_config, make_image, write_csv
 from pipeline.checkpoint import compact
 from pipeline.config import OutputConfig
 from pipeline.emulator import Fault
+from pipeline.exits import EXIT_OK
 from pipeline.records import ImageTask, VisionResult
-from pipeline.runner import EXIT_OK, RunOptions, run
+from pipeline.runner import RunOptions, run
 from pipeline.sink import Sink
 from pipeline.status import read_status
 

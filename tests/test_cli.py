@@ -195,7 +195,7 @@ def test_an_unknown_option_exits_2():
 
 
 def test_help_lists_every_exit_code_with_its_meaning():
-    from pipeline.runner import EXIT_MEANINGS
+    from pipeline.exits import EXIT_MEANINGS
 
     done = run_cli("run", "--help")
 

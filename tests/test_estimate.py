@@ -1,4 +1,4 @@
-"""The estimate: the run's own token count from headers only, failing rows by reason, costs, duration."""
+"""The estimate: the run's own token count from headers only, failing rows by error kind, costs, duration."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ async def test_estimated_prompt_tokens_equal_the_billed_ones_row_by_row_on_sampl
     )
 
 
-async def test_rows_that_would_fail_are_listed_by_reason_with_the_run_s_own_error(
+async def test_rows_that_would_fail_are_grouped_by_error_kind_with_the_run_s_own_error(
     tmp_path, emulator, key_in_env
 ):
     for name in ("a.png", "b.png"):
@@ -159,21 +159,24 @@ async def test_rows_that_would_fail_are_listed_by_reason_with_the_run_s_own_erro
     tally = result.tally
     assert (tally.read, tally.to_send, tally.duplicates) == (10, 1, 1)
     assert tally.failing == {
-        "file not found": 1,
-        "too many images": 1,
-        "unsupported format": 2,
-        "too many pixels": 1,
-        "over the size limit": 1,
-        "over the tokens-per-minute budget": 1,
-        "bad manifest row": 1,
+        "missing_file": 1,
+        "too_many_images": 1,
+        "unsupported_format": 2,
+        "too_many_pixels": 1,
+        "too_large": 1,
+        "over_budget": 1,
+        "bad_manifest_row": 1,
     }
-    assert tally.failing_ids["unsupported format"] == ("text", "ftp")
-    errors = {r["id"]: r["error"] for r in pq.read_table(tmp_path / "rows.parquet").to_pylist()}
-    committed = {r["id"]: r["error"] for r in read_output(tmp_path / "out").to_pylist()}
-    assert errors == committed
+    assert tally.failing_ids["unsupported_format"] == ("text", "ftp")
+    estimated = {
+        r["id"]: (r["error_kind"], r["error"]) for r in pq.read_table(tmp_path / "rows.parquet").to_pylist()
+    }
+    committed = {r["id"]: (r["error_kind"], r["error"]) for r in read_output(tmp_path / "out").to_pylist()}
+    assert estimated == committed
+    assert all(kind is not None for kind, error in committed.values() if error is not None)
 
 
-async def test_refusals_of_the_images_module_are_grouped_by_reason(tmp_path, monkeypatch):
+async def test_refusals_of_the_images_module_are_grouped_by_error_kind(tmp_path, monkeypatch):
     """Outside images.allowed_roots, and a HEIC file where no HEIF reader is installed."""
     make_image(tmp_path / "shared" / "a.png")
     make_image(tmp_path / "elsewhere" / "b.png")
@@ -193,7 +196,7 @@ async def test_refusals_of_the_images_module_are_grouped_by_reason(tmp_path, mon
     result = await estimate(config(images={"allowed_roots": ["../shared"]}), EstimateOptions(manifest))
 
     assert result.tally.to_send == 1
-    assert result.tally.failing == {"outside the allowed folders": 1, "unsupported format": 1}
+    assert result.tally.failing == {"outside_allowed_folders": 1, "unsupported_format": 1}
 
 
 async def test_duplicate_ids_are_ignored_as_the_run_ignores_them(tmp_path):
@@ -326,9 +329,7 @@ async def test_probes_that_fail_leave_the_image_unsized_and_an_oversized_one_fai
     )
 
     assert result.tally.unsized_because == {"probe: HTTP 404": 1, "probe: timed out": 1}
-    assert result.tally.failing == {"over the size limit": 1} and result.tally.failing_ids[
-        "over the size limit"
-    ] == ("huge.png",)
+    assert result.tally.failing == {"too_large": 1} and result.tally.failing_ids["too_large"] == ("huge.png",)
 
 
 async def test_a_probe_reaches_no_private_address_unless_allowed(tmp_path, image_server):
@@ -367,12 +368,12 @@ async def test_the_per_row_file_lets_users_find_the_expensive_rows(tmp_path):
         "unsized_images",
         "prompt_tokens",
         "cost_usd",
-        "reason",
+        "error_kind",
         "error",
     ]
     by_cost = table.sort_by([("cost_usd", "descending")]).to_pylist()
     assert [r["id"] for r in by_cost] == ["both", "large", "small", "gone"]
-    assert by_cost[-1]["reason"] == "file not found" and by_cost[-1]["cost_usd"] is None
+    assert by_cost[-1]["error_kind"] == "missing_file" and by_cost[-1]["cost_usd"] is None
     assert sum(r["cost_usd"] or 0 for r in by_cost) == pytest.approx(result.cost.total_expected_usd)
     assert sum(r["prompt_tokens"] or 0 for r in by_cost) == result.tally.prompt_tokens
     assert not list(tmp_path.glob(".tmp-*"))
@@ -474,6 +475,6 @@ async def test_the_text_names_failing_rows_and_the_comparison(
 
     text = format_estimate(await estimate(cfg, EstimateOptions(manifest, observed=tmp_path / "out")))
 
-    assert "would fail, file not found: 1 (lost)" in text
+    assert "would fail, missing_file: 1 (lost)" in text
     assert "3 rows compared; estimated prompt tokens differ from the billed ones in 0" in text
     assert "(+0.00 %)" in text

@@ -21,6 +21,7 @@ from PIL import Image
 
 import pipeline.images
 from pipeline.config import ImagesConfig, config_from_mapping
+from pipeline.exits import EXIT_ROW_ERRORS
 from pipeline.images import (
     image_threads,
     measure_image,
@@ -30,7 +31,7 @@ from pipeline.images import (
     shorten_url,
 )
 from pipeline.records import ConfigError, ImageError, PreparedImage
-from pipeline.runner import EXIT_ROW_ERRORS, RunOptions, run
+from pipeline.runner import RunOptions, run
 from pipeline.tokens import count_prompt_tokens, image_tokens, viewed_size
 
 CFG = ImagesConfig()

@@ -25,7 +25,7 @@ async def test_the_preview_is_the_first_uncommitted_row_and_its_estimate_is_what
     await run(cfg, RunOptions(manifest, output, limit=2, handle_signals=False))
     sent_before = len(emulator.requests)
 
-    preview = preview_first_request(cfg, manifest, output, environ={KEY_ENV: TEST_KEY})
+    preview = await preview_first_request(cfg, manifest, output, environ={KEY_ENV: TEST_KEY})
 
     assert len(emulator.requests) == sent_before  # nothing sent
     assert preview.row_id == "row-2" and preview.rows_committed == 2
@@ -36,7 +36,7 @@ async def test_the_preview_is_the_first_uncommitted_row_and_its_estimate_is_what
     assert preview.estimated_prompt_tokens == billed["row-2"]
 
 
-def test_rows_that_would_fail_before_sending_are_passed_over_and_counted(tmp_path):
+async def test_rows_that_would_fail_before_sending_are_passed_over_and_counted(tmp_path):
     make_image(tmp_path / "ok.png")
     manifest = write_csv(
         tmp_path / "m.csv",
@@ -44,7 +44,7 @@ def test_rows_that_would_fail_before_sending_are_passed_over_and_counted(tmp_pat
     )
     cfg = azure_config_for("http://127.0.0.1:9")
 
-    preview = preview_first_request(cfg, manifest, tmp_path / "out", environ={})
+    preview = await preview_first_request(cfg, manifest, tmp_path / "out", environ={})
 
     assert preview.row_id == "fine" and preview.rows_failing == 1 and "gone" in preview.first_failure
     assert preview.estimated_prompt_tokens is not None and preview.estimated_prompt_tokens > 85
@@ -59,8 +59,8 @@ async def test_with_retry_failed_the_preview_is_a_failed_row(tmp_path, emulator,
     await run(cfg, RunOptions(manifest, output, handle_signals=False))
     failed = [r["id"] for r in read_output(output, ["id", "status"]).to_pylist() if r["status"] == "error"]
 
-    plain = preview_first_request(cfg, manifest, output)
-    retrying = preview_first_request(cfg, manifest, output, retry_failed=True)
+    plain = await preview_first_request(cfg, manifest, output)
+    retrying = await preview_first_request(cfg, manifest, output, retry_failed=True)
 
     assert len(failed) == 1
     assert plain.row_id is None and preview_as_json(plain)["note"].startswith("no row")

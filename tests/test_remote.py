@@ -20,6 +20,7 @@ from PIL import Image
 
 import pipeline.remote
 from pipeline.config import ImagesConfig
+from pipeline.exits import EXIT_OK, EXIT_ROW_ERRORS
 from pipeline.records import ImageError, RemoteProbe
 from pipeline.remote import (
     PROBE_REFUSED,
@@ -29,7 +30,7 @@ from pipeline.remote import (
     open_session,
     probe_image,
 )
-from pipeline.runner import EXIT_OK, EXIT_ROW_ERRORS, RunOptions, run
+from pipeline.runner import RunOptions, run
 
 ALLOW_LOOPBACK = ImagesConfig(allow_private_urls=True)
 HITS = web.AppKey("hits", list[str])  # the paths the server was asked for, in order

@@ -12,10 +12,12 @@ import pyarrow.dataset as ds
 import pytest
 from conftest import KEY_ENV, TEST_KEY, azure_config, make_image, with_limits, write_csv
 
+import pipeline.captioner
 import pipeline.runner
 from pipeline.emulator import FILTER_MARKER, FINISH_OBJECT_MARKER, Fault
+from pipeline.exits import EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, EXIT_ROW_ERRORS
 from pipeline.images import prepare_image
-from pipeline.runner import EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, EXIT_ROW_ERRORS, RunOptions, run
+from pipeline.runner import RunOptions, run
 from pipeline.sink import read_output
 
 
@@ -140,7 +142,7 @@ async def test_images_are_prepared_in_the_runs_image_threads_never_on_the_event_
         threads.append(threading.current_thread().name)
         return prepare_image(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline.runner, "prepare_image", prepare_and_note_the_thread)
+    monkeypatch.setattr(pipeline.captioner, "prepare_image", prepare_and_note_the_thread)
     cfg = azure_config(emulator, images={"threads": 2})
 
     summary = await run(cfg, RunOptions(images_manifest(6), tmp_path / "out", handle_signals=False))
