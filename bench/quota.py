@@ -39,8 +39,9 @@ from PIL import Image
 
 from pipeline.config import EmulatorConfig, RunConfig, config_from_mapping
 from pipeline.emulator import Emulator, ReceivedRequest
-from pipeline.runner import RunOptions, RunSummary, run
+from pipeline.runner import RunOptions, run
 from pipeline.sink import read_output
+from pipeline.summary import RunSummary
 
 KEY_ENV = "BENCH_QUOTA_API_KEY"
 KEY = "bench-quota-key"  # the emulator's; never a real secret

@@ -4,8 +4,9 @@
 through a ``Transport``, and builds its result (``results.py``). It knows nothing of manifests, output
 folders, locks or signals: the local runner, ``--dry-run`` and, later, other engines and transports use it
 as it is. A row's failure is its result (status ``error`` with an ``ErrorKind``); only what ends the run
-raises: ``RunAborted`` (the endpoint refuses every row) and ``NotSent`` (the run is stopping and this row
-was not sent: it stays for the next run).
+raises: ``RunAborted`` (the endpoint refuses every row), ``NotSent`` (the run is stopping and this row
+was not sent: it stays for the next run) and ``BudgetReached`` (the spend cap has no room for it: not
+sent either).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pipeline.config import RunConfig
 from pipeline.images import check_request_size, prepare_image, prepare_image_bytes
 from pipeline.pricing import Price
 from pipeline.records import (
+    BudgetReached,
     Delivery,
     ErrorKind,
     ImageTask,
@@ -45,7 +47,7 @@ class Transport(Protocol):
 
     async def send(self, plan: RequestPlan) -> Delivery:
         """The answer that is the row's result. Raises ApiError (this row failed), RunAborted (every row
-        would), NotSent (stopping: not sent)."""
+        would), NotSent (stopping: not sent), BudgetReached (no room under the spend cap: not sent)."""
         ...
 
     def stop_sending(self) -> None:
@@ -81,7 +83,7 @@ class Captioner:
     async def caption(self, task: ImageTask) -> VisionResult:
         """The row's result: ok, filtered, or error with its kind and reason; timed and stamped.
 
-        Raises RunAborted and NotSent only (see the module docstring).
+        Raises RunAborted, NotSent and BudgetReached only (see the module docstring).
         """
         loop = asyncio.get_running_loop()
         started_at, started = time.time(), loop.time()
@@ -93,7 +95,7 @@ class Captioner:
                 raise plan.refusal
             delivery = await self.transport.send(plan)
             result = answered_result(task, delivery, self.cfg, estimated, self.price)
-        except (RunAborted, NotSent):
+        except (RunAborted, NotSent, BudgetReached):
             raise
         except RowError as err:
             result = failed_result(task, err, self.cfg, estimated)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import load_config
+from pipeline.config import load_config, with_max_cost
 from pipeline.estimate import EstimateOptions, estimate
 from pipeline.exits import EXIT_MEANINGS, EXIT_OK, EXIT_OUTPUT_FAILED, EXIT_USAGE
 from pipeline.logs import LOG_FORMATS, LogFormat, setup_logging
@@ -25,8 +25,9 @@ from pipeline.plan import estimate_as_json, format_estimate, parse_window_h
 from pipeline.preview import preview_as_json, preview_first_request
 from pipeline.records import ConfigError
 from pipeline.report import REPORT_FILE, write_report
-from pipeline.runner import RunOptions, RunSummary, run, summary_as_dict
+from pipeline.runner import RunOptions, run
 from pipeline.status import format_status, read_status
+from pipeline.summary import RunSummary, summary_as_dict
 
 EXIT_CODES_HELP = (
     "Exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_MEANINGS.items()) + "."
@@ -94,6 +95,11 @@ def main() -> None:
     help="Keep this Prometheus textfile (*.prom) up to date during the run.",
 )
 @click.option(
+    "--max-cost",
+    type=float,
+    help="Spend at most this many US dollars in this run (wins over limits.max_cost_usd); exit 5 when reached.",
+)
+@click.option(
     "--dry-run",
     is_flag=True,
     help="Print the first request that would be sent (images shortened, no key) and exit 0; send nothing.",
@@ -110,6 +116,7 @@ def run_command(
     log_format: LogFormat,
     progress: bool | None,
     metrics_file: Path | None,
+    max_cost: float | None,
     dry_run: bool,
 ) -> None:
     """Caption every manifest row not yet in OUTPUT; a rerun resumes where the last one stopped."""
@@ -122,6 +129,8 @@ def run_command(
     )  # fmt: skip
     with _exit_on_errors(f"use the output {output}"):
         cfg = load_config(config)
+        if max_cost is not None:
+            cfg = with_max_cost(cfg, max_cost)
         if dry_run:
             preview = asyncio.run(preview_first_request(cfg, manifest, output, retry_failed=retry_failed))
             click.echo(json.dumps(preview_as_json(preview), indent=2))
@@ -147,6 +156,8 @@ def format_summary(summary: RunSummary) -> str:
         ),
         f"output: {summary.output}",
     ]
+    if summary.max_cost_usd is not None and summary.spend_usd is not None:
+        lines.insert(2, f"spend: ${summary.spend_usd:.4f} of the ${summary.max_cost_usd:.4f} cap")
     if summary.stopped_because:
         lines.append(f"stopped early: {summary.stopped_because}")
     return "\n".join(lines)

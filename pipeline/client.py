@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import aiohttp
 
+from pipeline.budget import Budget
 from pipeline.config import EndpointConfig, LimitsConfig
 from pipeline.limits import Limits, LimitsClosed
 from pipeline.records import ApiError, Delivery, ErrorKind, NotSent, RunAborted, TransportCounters
@@ -161,6 +162,20 @@ class Reply:
     text: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Tried:
+    """How one attempt went: the answer (None when none came), what it means, and why, in one line."""
+
+    reply: Reply | None
+    verdict: Verdict
+    cause: str  # retry_cause, counted if the row is tried again
+    reason: str
+
+    @property
+    def status(self) -> int | None:
+        return None if self.reply is None else self.reply.status
+
+
 class Client:
     """The live transport: sends planned requests to one endpoint over one aiohttp session, under the
     run's shared budgets (``limits.py``)."""
@@ -172,10 +187,12 @@ class Client:
         limits: Limits,
         cfg: LimitsConfig,
         rng: random.Random,
+        budget: Budget,
     ) -> None:
         self._session = session
         self.endpoint = endpoint
         self.limits = limits
+        self.budget = budget
         self._cfg = cfg
         self._rng = rng
         self.retries_by_cause: Counter[str] = Counter()  # attempts sent again, by retry_cause
@@ -202,68 +219,57 @@ class Client:
     async def send(self, plan: RequestPlan) -> Delivery:
         """Send one planned request, retrying what is worth retrying, and return the answer that is a result.
 
-        Every attempt first reserves 1 request and ``plan.reserve_tokens`` from the shared budgets. A 429
-        pauses every worker for the time the server gave. Raises ApiError when the row fails (not
-        retryable, or out of attempts), RunAborted when no row can succeed (bad key, wrong deployment,
-        quota gone), and NotSent when an attempt was due after ``stop_sending``: a request started then
-        could not finish within the grace, and would be paid for and lost.
+        Every attempt first holds its worst-case cost within the spend cap (``budget.py``), then reserves 1
+        request and ``plan.reserve_tokens`` from the shared budgets. A 429 pauses every worker for the
+        time the server gave. Raises ApiError when the row fails (not retryable, or out of attempts),
+        RunAborted when no row can succeed (bad key, wrong deployment, quota gone), BudgetReached when
+        the cap has no room left for the attempt, and NotSent when an attempt was due after
+        ``stop_sending``: a request started then could not finish within the grace, and would be paid
+        for and lost.
         """
         cfg, row_id = self._cfg, plan.task.row_id
-        last_reason, last_status = "no attempt made", None
+        worst_usd = self.budget.worst_case_usd(
+            plan.estimated_prompt_tokens, int(plan.body.get("max_tokens", 0))
+        )
         retrying: str | None = None  # the retry_cause of the attempt before, counted once this one is sent
         for attempt in range(1, cfg.max_attempts + 1):
-            try:
-                reservation = await self.limits.acquire(plan.reserve_tokens)
-            except LimitsClosed:
-                raise NotSent(row_id) from None
-            if retrying is not None:
-                self.retries_by_cause[retrying] += 1
-            try:
-                reply = await self._post(plan.body)
-            except (TimeoutError, aiohttp.ClientError) as err:
-                verdict, cause = Verdict("retry"), retry_cause(None, err)
-                last_status, last_reason = None, _describe_exception(err, cfg.timeout_s)
-            else:
-                self.limits.observe(reply.headers)
-                self.http_429s += reply.status == 429
-                verdict, cause = (
-                    classify(reply.status, reply.headers, reply.body, now=time.time()),
-                    retry_cause(reply.status),
+            tried = await self._attempt(plan, worst_usd, retrying)
+            reply, verdict = tried.reply, tried.verdict
+            if (
+                reply is not None
+                and verdict.action in ("done", "filtered")
+                and isinstance(reply.body, Mapping)
+            ):
+                return Delivery(reply.status, reply.body, attempt)
+            if reply is not None and verdict.action == "abort":
+                raise RunAborted(self._abort_message(reply), http_status=reply.status)
+            if reply is not None and verdict.action == "fail":
+                code = error_code(reply.body)
+                raise ApiError(
+                    row_id,
+                    tried.reason,
+                    status=reply.status,
+                    kind=ErrorKind.HTTP_4XX,
+                    code=code,
+                    attempts=attempt,
                 )
-                last_status, last_reason = (
-                    reply.status,
-                    f"HTTP {reply.status}: {error_message(reply.body, reply.text)}",
-                )
-                if verdict.action in ("done", "filtered") and isinstance(reply.body, Mapping):
-                    if (usage := parse_usage(reply.body)) is not None:  # the bill replaces our estimate
-                        self.limits.settle(
-                            reservation, usage.prompt_tokens + int(plan.body.get("max_tokens", 0))
-                        )
-                    return Delivery(reply.status, reply.body, attempt)
-                if verdict.action == "abort":
-                    raise RunAborted(self._abort_message(reply), http_status=reply.status)
-                if verdict.action == "fail":
-                    code = error_code(reply.body)
-                    raise ApiError(
-                        row_id,
-                        last_reason,
-                        status=reply.status,
-                        kind=ErrorKind.HTTP_4XX,
-                        code=code,
-                        attempts=attempt,
-                    )
             if verdict.wait_s is not None and verdict.wait_s > cfg.max_retry_after_s:
                 raise RunAborted(
                     f"the endpoint asks us to wait {verdict.wait_s:.0f} s, more than limits.max_retry_after_s = "
-                    f"{cfg.max_retry_after_s:.0f} s: the quota is used up ({last_reason})",
-                    http_status=last_status,
+                    f"{cfg.max_retry_after_s:.0f} s: the quota is used up ({tried.reason})",
+                    http_status=tried.status,
                 )
             if attempt == cfg.max_attempts:
-                break
+                raise ApiError(
+                    row_id,
+                    f"gave up after {cfg.max_attempts} attempts; last: {tried.reason}",
+                    status=tried.status,
+                    kind=ErrorKind.RETRIES_EXHAUSTED,
+                    attempts=cfg.max_attempts,
+                )
             wait_s = verdict.wait_s if verdict.wait_s is not None else backoff_s(attempt, cfg, self._rng)
-            retrying = cause
-            if last_status == 429:
-                self.limits.settle(reservation, 0)  # a refused request is not charged against the quota
+            retrying = tried.cause
+            if tried.status == 429:
                 log.info(
                     "429 from the endpoint: pausing every worker for %.2f s", wait_s,
                     extra={"event": "paused_on_429", "wait_s": round(wait_s, 3), "row_id": row_id},
@@ -272,13 +278,42 @@ class Client:
             else:
                 with contextlib.suppress(TimeoutError):  # a stop cuts the wait short; acquire then says so
                     await asyncio.wait_for(self._stopping.wait(), wait_s)
-        raise ApiError(
-            row_id,
-            f"gave up after {cfg.max_attempts} attempts; last: {last_reason}",
-            status=last_status,
-            kind=ErrorKind.RETRIES_EXHAUSTED,
-            attempts=cfg.max_attempts,
-        )
+        raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
+
+    async def _attempt(self, plan: RequestPlan, worst_usd: float, retrying: str | None) -> _Tried:
+        """One request: hold its cost, reserve the quota, post, read the answer, settle both."""
+        hold = await self.budget.hold(worst_usd)  # BudgetReached: the row stays for the next run
+        billed_usd: float | None = 0.0  # None: the request may have been billed, for how much is unknown
+        try:
+            try:
+                reservation = await self.limits.acquire(plan.reserve_tokens)
+            except LimitsClosed:
+                raise NotSent(plan.task.row_id) from None
+            if retrying is not None:
+                self.retries_by_cause[retrying] += 1
+            billed_usd = None  # from here on the request may reach the service
+            try:
+                reply = await self._post(plan.body)
+            except (TimeoutError, aiohttp.ClientError) as err:
+                return _Tried(
+                    None,
+                    Verdict("retry"),
+                    retry_cause(None, err),
+                    _describe_exception(err, self._cfg.timeout_s),
+                )
+            self.limits.observe(reply.headers)
+            self.http_429s += reply.status == 429
+            verdict = classify(reply.status, reply.headers, reply.body, now=time.time())
+            billed_usd = self._billed_usd(reply, verdict)
+            usage = parse_usage(reply.body) if isinstance(reply.body, Mapping) else None
+            if usage is not None:  # the server's own count replaces our estimate in the window
+                self.limits.settle(reservation, usage.prompt_tokens + int(plan.body.get("max_tokens", 0)))
+            elif reply.status == 429:
+                self.limits.settle(reservation, 0)  # a refused request is not charged against the quota
+            reason = f"HTTP {reply.status}: {error_message(reply.body, reply.text)}"
+            return _Tried(reply, verdict, retry_cause(reply.status), reason)
+        finally:
+            self.budget.settle(hold, billed_usd)
 
     async def _post(self, body: Mapping[str, Any]) -> Reply:
         timeout = aiohttp.ClientTimeout(total=self._cfg.timeout_s)
@@ -291,6 +326,17 @@ class Client:
         except ValueError:
             parsed = None  # a proxy's HTML error page, a truncated body: classify retries a 200 like this
         return Reply(response.status, response.headers, parsed, text)
+
+    def _billed_usd(self, reply: Reply, verdict: Verdict) -> float | None:
+        """What an answer costs: its bill; nothing for what the services do not bill (429, 5xx, other
+        4xx); None when it may have been billed but says not how much (a filtered prompt, a 200 without
+        usage)."""
+        usage = parse_usage(reply.body) if isinstance(reply.body, Mapping) else None
+        if usage is not None:
+            return self.budget.billed_usd(usage)
+        if reply.status == 200 or verdict.action == "filtered":
+            return None
+        return 0.0
 
     def _abort_message(self, reply: Reply) -> str:
         reason = error_message(reply.body, reply.text)

@@ -54,6 +54,7 @@ class LimitsConfig:
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
     grace_s: float = 30.0  # on SIGINT/SIGTERM, how long in-flight requests may take to finish
+    max_cost_usd: float | None = None  # the most this run may spend (budget.py); unset: no cap
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +283,15 @@ def _check(cfg: RunConfig) -> None:
         if not root.strip():
             raise ConfigError(f"{src}: images.allowed_roots[{n}] is empty: name a folder")
     _check_pricing(cfg)
+    if lim.max_cost_usd is not None and not 0 < lim.max_cost_usd < float("inf"):
+        raise ConfigError(f"{src}: limits.max_cost_usd = {lim.max_cost_usd}: must be a number greater than 0")
+
+
+def with_max_cost(cfg: RunConfig, max_cost_usd: float) -> RunConfig:
+    """`cfg` with the run's spend cap set from ``--max-cost``, which wins over the file. Raises ConfigError."""
+    if not 0 < max_cost_usd < float("inf"):
+        raise ConfigError(f"--max-cost {max_cost_usd:g}: must be a number greater than 0 (US dollars)")
+    return dataclasses.replace(cfg, limits=dataclasses.replace(cfg.limits, max_cost_usd=max_cost_usd))
 
 
 def _check_pricing(cfg: RunConfig) -> None:

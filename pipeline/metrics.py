@@ -43,6 +43,15 @@ def render_textfile(progress: RunProgress) -> str:
     ]  # fmt: skip
     if progress.cost_usd is not None:  # no price for the model: no figure rather than a false 0
         metrics.append(("cost_usd", "gauge", "US dollars spent by this run.", [("", progress.cost_usd)]))
+    if progress.spend_usd is not None:
+        metrics.append(
+            ("spend_usd", "gauge", "US dollars this run's requests cost as the spend cap counts them.",
+             [("", progress.spend_usd)])
+        )  # fmt: skip
+    if progress.max_cost_usd is not None:
+        metrics.append(
+            ("max_cost_usd", "gauge", "The run's spend cap in US dollars.", [("", progress.max_cost_usd)])
+        )
     lines = []
     for name, kind, help_text, samples in metrics:
         full = f"{PREFIX}_{name}"

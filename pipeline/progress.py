@@ -104,6 +104,8 @@ def progress_lines(progress: RunProgress, pace: Pace) -> tuple[str, str]:
     quota = f"{count_text(pace.tokens_per_min)}/min of {count_text(progress.tokens_per_minute)}/min quota"
     paused = " now" if progress.is_paused else ""
     spend = "$?" if progress.cost_usd is None else f"${progress.cost_usd:.4f}"
+    if progress.max_cost_usd is not None and progress.spend_usd is not None:
+        spend = f"${progress.spend_usd:.4f} of ${progress.max_cost_usd:.2f} cap"
     second = (
         f"tokens {quota} · 429s {progress.http_429s} (paused {progress.paused_s:.1f} s{paused}) · "
         f"errors {progress.error} · retries {progress.retries} · spend {spend} · {duration_text(progress.elapsed_s)}"

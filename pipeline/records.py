@@ -168,6 +168,8 @@ class RunProgress:
     paused_s: float
     is_paused: bool
     tokens_per_minute: int  # the budget, limits.tokens_per_minute
+    spend_usd: float | None = None  # what the run's requests cost so far, as the spend cap counts it
+    max_cost_usd: float | None = None  # the spend cap, when one is set
 
     @property
     def rows_done(self) -> int:
@@ -184,6 +186,7 @@ class RunProgress:
 #     ApiError (status, code)     the endpoint refused or failed the row, after any retries
 #   ConfigError                   a setting is wrong: exit 2 before anything is sent
 #   NotSent                       the run is stopping; the row stays uncommitted for the next run
+#   BudgetReached                 the spend cap has no room for the row: not sent, the run stops (exit 5)
 #   RunAborted                    the endpoint refuses every row (key, deployment, quota): exit 3
 
 
@@ -249,6 +252,11 @@ class NotSent(Exception):
     def __init__(self, row_id: str) -> None:
         super().__init__(f"row {row_id!r}: not sent, the run is stopping")
         self.row_id = row_id
+
+
+class BudgetReached(Exception):
+    """The spend cap leaves no room for the next attempt and nothing is in flight to free any: the row
+    was not sent and stays uncommitted; the run stops with exit 5."""
 
 
 class RunAborted(Exception):

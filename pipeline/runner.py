@@ -16,21 +16,21 @@ import logging
 import random
 import signal
 import time
-from array import array
-from collections import Counter
-from collections.abc import AsyncIterator, Container, Sequence
+from collections.abc import AsyncIterator, Container
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 import aiohttp
 
 from pipeline import checkpoint
+from pipeline.budget import Budget
 from pipeline.captioner import Captioner
 from pipeline.client import Client, endpoint_for
 from pipeline.config import RunConfig, api_key
 from pipeline.exits import (
+    EXIT_BUDGET,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_OUTPUT_FAILED,
@@ -45,6 +45,7 @@ from pipeline.metrics import publish_metrics
 from pipeline.pricing import Price, price_for_run
 from pipeline.progress import show_progress
 from pipeline.records import (
+    BudgetReached,
     ConfigError,
     ImageTask,
     ManifestError,
@@ -55,6 +56,7 @@ from pipeline.records import (
 )
 from pipeline.results import manifest_failure
 from pipeline.sink import STATS_FILE, Sink, write_json_atomic
+from pipeline.summary import RunSummary, Tally, latency_percentiles, summary_as_dict
 
 log = logging.getLogger(__name__)
 
@@ -74,57 +76,6 @@ class RunOptions:
     metrics_file: Path | None = None  # keep this Prometheus textfile up to date (metrics.py)
 
 
-@dataclass(frozen=True, slots=True)
-class RunSummary:
-    output: Path
-    run_id: str
-    counts: dict[str, int]  # rows committed this run by status: ok, filtered, error
-    skipped: int  # rows already committed by an earlier run
-    duplicates: int  # manifest rows whose id was seen before in this manifest
-    prompt_tokens: int
-    completion_tokens: int
-    cost_usd: float | None
-    retries: int
-    pauses: int  # 429 cool-downs
-    paused_s: float
-    duration_s: float
-    exit_code: int
-    stopped_because: str | None = None  # why the run ended early, one line
-    rows_per_s: float = 0.0  # rows of this run per second of its duration
-    http_429s: int = 0
-    retries_by_cause: dict[str, int] = field(default_factory=dict)  # see client.retry_cause
-    latency_percentiles_s: dict[str, float] = field(default_factory=dict)  # p50, p90, p99 of this run's rows
-
-    @property
-    def rows(self) -> int:
-        return sum(self.counts.values())
-
-
-@dataclass
-class _Tally:
-    """Counters of this run, updated by the workers."""
-
-    counts: Counter[str] = field(default_factory=Counter)
-    skipped: int = 0
-    duplicates: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    retries: int = 0
-    latencies_s: array[float] = field(default_factory=lambda: array("d"))  # 8 bytes a row
-
-    def add(self, result: VisionResult) -> None:
-        self.counts[result.status] += 1
-        self.retries += max(0, result.attempts - 1)
-        if result.latency_s is not None:
-            self.latencies_s.append(result.latency_s)
-        if result.usage is not None:
-            self.prompt_tokens += result.usage.prompt_tokens
-            self.completion_tokens += result.usage.completion_tokens
-        if result.cost_usd is not None:
-            self.cost_usd += result.cost_usd
-
-
 async def run(cfg: RunConfig, options: RunOptions) -> RunSummary:
     """Caption every row of the manifest not yet committed in the output.
 
@@ -132,11 +83,15 @@ async def run(cfg: RunConfig, options: RunOptions) -> RunSummary:
     written. Every other way a run ends is in the summary's exit_code and stopped_because.
     """
     key = api_key(cfg)  # a missing key stops us before the output is touched
+    # a spend cap needs a price: without one the run stops here, naming the file to edit
+    price = price_for_run(cfg) if cfg.limits.max_cost_usd is not None else _price_or_none(cfg)
     with checkpoint.output_lock(options.output):
-        return await _run_locked(cfg, options, key)
+        return await _run_locked(cfg, options, key, price)
 
 
-async def _run_locked(cfg: RunConfig, options: RunOptions, key: str | None) -> RunSummary:
+async def _run_locked(
+    cfg: RunConfig, options: RunOptions, key: str | None, price: Price | None
+) -> RunSummary:
     loop = asyncio.get_running_loop()
     started_at, started = time.time(), loop.time()
     resume = await asyncio.to_thread(
@@ -169,16 +124,28 @@ async def _run_locked(cfg: RunConfig, options: RunOptions, key: str | None) -> R
         limits = Limits(cfg.limits.tokens_per_minute, cfg.requests_per_minute)
         connector = aiohttp.TCPConnector(limit=cfg.limits.concurrency)
         session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
-        client = Client(session, endpoint_for(cfg.endpoint, key), limits, cfg.limits, random.Random())
+        budget = Budget(cfg.limits.max_cost_usd, price)
+        client = Client(session, endpoint_for(cfg.endpoint, key), limits, cfg.limits, random.Random(), budget)
         reuse_freed_image_memory()
         image_pool = ThreadPoolExecutor(image_threads(cfg.images), thread_name_prefix="images")
         stack.callback(image_pool.shutdown, wait=True, cancel_futures=True)
         base_dir = manifest_base_dir(options.manifest)
-        captioner = Captioner(
-            cfg, client, base_dir=base_dir, image_pool=image_pool, price=_price_or_none(cfg)
+        captioner = Captioner(cfg, client, base_dir=base_dir, image_pool=image_pool, price=price)
+        stages = _Stages(
+            cfg, options, captioner, budget, Sink(options.output, cfg.output, run_id), resume.skip
         )
-        stages = _Stages(cfg, options, captioner, Sink(options.output, cfg.output, run_id), resume.skip)
         await stages.run()
+    if stages.stop_code == EXIT_BUDGET:
+        left = await asyncio.to_thread(_rows_left, cfg, options)
+        stages.stopped_because = (
+            f"budget reached: spent ${budget.spent_usd:.4f} of ${cfg.limits.max_cost_usd:.4f}; "
+            f"{left} rows left for the next run"
+        )
+        log.warning(
+            "run stopped: %s",
+            stages.stopped_because,
+            extra={"event": "run_stopped", "exit_code": EXIT_BUDGET},
+        )
     counters = client.counters()
     if resume.retrying and stages.stop_code != EXIT_OUTPUT_FAILED:
         superseded = await asyncio.to_thread(checkpoint.compact, options.output)
@@ -204,6 +171,8 @@ async def _run_locked(cfg: RunConfig, options: RunOptions, key: str | None) -> R
         http_429s=counters.http_429s,
         retries_by_cause=dict(sorted(counters.retries_by_cause.items())),
         latency_percentiles_s=latency_percentiles(tally.latencies_s),
+        spend_usd=round(budget.spent_usd, 6) if price else None,
+        max_cost_usd=cfg.limits.max_cost_usd,
     )
     stats = summary_as_dict(summary)
     log.info(
@@ -219,9 +188,14 @@ async def _run_locked(cfg: RunConfig, options: RunOptions, key: str | None) -> R
     return summary
 
 
-def summary_as_dict(summary: RunSummary) -> dict[str, object]:
-    """The summary as ``_stats.json`` holds it (and ``run --log-format json`` prints it)."""
-    return {**dataclasses.asdict(summary), "output": str(summary.output), "rows": summary.rows}
+def _rows_left(cfg: RunConfig, options: RunOptions) -> int:
+    """Manifest rows not committed in the output (each id once), for the budget's stop message. Blocking."""
+    committed = checkpoint.committed_ids(options.output)
+    seen: set[str] = set()
+    for item in read_manifest(options.manifest, cfg.request, committed):
+        if not isinstance(item, Skipped):
+            seen.add(item.row_id)
+    return len(seen)
 
 
 def _price_or_none(cfg: RunConfig) -> Price | None:
@@ -254,16 +228,23 @@ class _Stages:
     """One run's producer, workers and sink, and how they stop."""
 
     def __init__(
-        self, cfg: RunConfig, options: RunOptions, captioner: Captioner, sink: Sink, prior: Container[str]
+        self,
+        cfg: RunConfig,
+        options: RunOptions,
+        captioner: Captioner,
+        budget: Budget,
+        sink: Sink,
+        prior: Container[str],
     ) -> None:
         self.cfg = cfg
         self.options = options
         self.captioner = captioner
         self.transport = captioner.transport
+        self.budget = budget
         self.sink = sink
         self.prior = prior  # ids committed by earlier runs; read by the manifest's thread, never changed
         self.taken: set[str] = set()  # ids taken up in this run, to tell duplicates from resumed rows
-        self.tally = _Tally()
+        self.tally = Tally()
         self.queue: asyncio.Queue[ImageTask | None] = asyncio.Queue(
             QUEUE_ROWS_PER_WORKER * cfg.limits.concurrency
         )
@@ -278,6 +259,16 @@ class _Stages:
         if self.stop_code is not None:
             return self.stop_code
         return EXIT_ROW_ERRORS if self.tally.counts["error"] else EXIT_OK
+
+    def on_budget_reached(self) -> None:
+        """The spend cap has no room for the next row: read and send nothing more; what is on the wire
+        finishes and is committed."""
+        if self.stopping.is_set():
+            return
+        log.info("spend cap reached: sending no more rows; requests on the wire finish and are committed")
+        self.stopping.set()
+        self.transport.stop_sending()
+        self.stop_code = EXIT_BUDGET
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -392,6 +383,8 @@ class _Stages:
             paused_s=counters.paused_s,
             is_paused=counters.is_paused,
             tokens_per_minute=self.cfg.limits.tokens_per_minute,
+            spend_usd=self.budget.spent_usd if self.captioner.price else None,
+            max_cost_usd=self.budget.max_cost_usd,
         )
 
     async def count_total(self) -> None:
@@ -434,24 +427,10 @@ class _Stages:
                 result = await self.captioner.caption(task)
             except NotSent:
                 continue  # the run is stopping; the row stays uncommitted for the next run
+            except BudgetReached:
+                self.on_budget_reached()
+                continue  # not sent: the row stays uncommitted for the next run
             await self.commit(result)
-
-
-LATENCY_PERCENTILES = (50, 90, 99)
-
-
-def latency_percentiles(latencies_s: Sequence[float]) -> dict[str, float]:
-    """p50, p90, p99 of row latencies in seconds (linear interpolation, as numpy and Arrow's default); {} for none."""
-    ordered = sorted(latencies_s)
-    if not ordered:
-        return {}
-    percentiles = {}
-    for q in LATENCY_PERCENTILES:
-        position = (len(ordered) - 1) * q / 100
-        low = int(position)
-        high = min(low + 1, len(ordered) - 1)
-        percentiles[f"p{q}"] = round(ordered[low] + (ordered[high] - ordered[low]) * (position - low), 4)
-    return percentiles
 
 
 async def _stream_manifest(

@@ -1,0 +1,90 @@
+"""A run's tally and its summary: what ``_stats.json`` holds, ``run --log-format json`` prints, and the
+report and ``status`` read back."""
+
+from __future__ import annotations
+
+import dataclasses
+from array import array
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.records import VisionResult
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    output: Path
+    run_id: str
+    counts: dict[str, int]  # rows committed this run by status: ok, filtered, error
+    skipped: int  # rows already committed by an earlier run
+    duplicates: int  # manifest rows whose id was seen before in this manifest
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float | None
+    retries: int
+    pauses: int  # 429 cool-downs
+    paused_s: float
+    duration_s: float
+    exit_code: int
+    stopped_because: str | None = None  # why the run ended early, one line
+    rows_per_s: float = 0.0  # rows of this run per second of its duration
+    http_429s: int = 0
+    retries_by_cause: dict[str, int] = field(default_factory=dict)  # see client.retry_cause
+    latency_percentiles_s: dict[str, float] = field(default_factory=dict)  # p50, p90, p99 of this run's rows
+    spend_usd: float | None = (
+        None  # what this run's requests cost as far as it can know (budget.py); no price: None
+    )
+    max_cost_usd: float | None = None  # the spend cap, when one was set
+
+    @property
+    def rows(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass
+class Tally:
+    """Counters of this run, updated by the workers."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    skipped: int = 0
+    duplicates: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    retries: int = 0
+    latencies_s: array[float] = field(default_factory=lambda: array("d"))  # 8 bytes a row
+
+    def add(self, result: VisionResult) -> None:
+        self.counts[result.status] += 1
+        self.retries += max(0, result.attempts - 1)
+        if result.latency_s is not None:
+            self.latencies_s.append(result.latency_s)
+        if result.usage is not None:
+            self.prompt_tokens += result.usage.prompt_tokens
+            self.completion_tokens += result.usage.completion_tokens
+        if result.cost_usd is not None:
+            self.cost_usd += result.cost_usd
+
+
+LATENCY_PERCENTILES = (50, 90, 99)
+
+
+def latency_percentiles(latencies_s: Sequence[float]) -> dict[str, float]:
+    """p50, p90, p99 of row latencies in seconds (linear interpolation, as numpy and Arrow's default); {} for none."""
+    ordered = sorted(latencies_s)
+    if not ordered:
+        return {}
+    percentiles = {}
+    for q in LATENCY_PERCENTILES:
+        position = (len(ordered) - 1) * q / 100
+        low = int(position)
+        high = min(low + 1, len(ordered) - 1)
+        percentiles[f"p{q}"] = round(ordered[low] + (ordered[high] - ordered[low]) * (position - low), 4)
+    return percentiles
+
+
+def summary_as_dict(summary: RunSummary) -> dict[str, object]:
+    """The summary as ``_stats.json`` holds it (and ``run --log-format json`` prints it)."""
+    return {**dataclasses.asdict(summary), "output": str(summary.output), "rows": summary.rows}
