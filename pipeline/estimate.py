@@ -31,7 +31,6 @@ import pyarrow as pa
 
 from pipeline.client import build_body, endpoint_for, oversize_reason
 from pipeline.config import RunConfig
-from pipeline.images import SUPPORTED_NAMES, measure_image, shorten_url
 from pipeline.manifest import manifest_base_dir, read_manifest
 from pipeline.plan import (
     Estimate,
@@ -56,9 +55,11 @@ from pipeline.records import (
     PreparedImage,
     RowError,
 )
-from pipeline.remote import is_remote_url, open_session, probe_image
+from pipeline.refs import is_remote_url, shorten_url
+from pipeline.remote import open_session, probe_image
 from pipeline.request import MAX_IMAGES_PER_REQUEST
 from pipeline.sink import ESTIMATE_ROWS_SCHEMA, ParquetFileWriter, read_output, rows_to_table
+from pipeline.sniff import SUPPORTED_NAMES, measure_image
 from pipeline.tokens import count_prompt_tokens
 
 CHUNK_ROWS = 2048  # rows read, sized and tallied together: memory stays flat whatever the manifest's size

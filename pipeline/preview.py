@@ -17,9 +17,10 @@ from typing import Any
 from pipeline import checkpoint
 from pipeline.client import build_body, endpoint_for
 from pipeline.config import RunConfig
-from pipeline.images import check_request_size, prepare_image, shorten_url
+from pipeline.images import check_request_size, prepare_image
 from pipeline.manifest import manifest_base_dir, read_manifest
 from pipeline.records import ManifestError, RowError
+from pipeline.refs import shorten_url
 from pipeline.tokens import count_prompt_tokens
 
 EMULATOR_URL = "(the in-process emulator, on a loopback port chosen when the run starts)"

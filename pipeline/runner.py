@@ -54,7 +54,8 @@ from pipeline.records import (
     RunProgress,
     VisionResult,
 )
-from pipeline.remote import fetch_image, is_remote_url, open_session
+from pipeline.refs import is_remote_url
+from pipeline.remote import fetch_image, open_session
 from pipeline.sink import STATS_FILE, Sink, write_json_atomic
 from pipeline.tokens import count_prompt_tokens
 
