@@ -23,6 +23,7 @@ test: lint $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests bench
 	$(BIN)/ruff format --check pipeline tests bench
+	$(BIN)/mypy --strict pipeline
 
 sample-data: $(STAMP)
 	$(BIN)/python sample_data/make_samples.py

@@ -35,7 +35,8 @@ from pipeline.records import (
     TransportCounters,
     VisionResult,
 )
-from pipeline.remote import fetch_image, is_remote_url, open_session
+from pipeline.refs import is_remote_url
+from pipeline.remote import fetch_image, open_session
 from pipeline.request import RequestPlan, plan_request
 from pipeline.results import answered_result, failed_result
 

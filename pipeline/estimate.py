@@ -30,7 +30,6 @@ import aiohttp
 import pyarrow as pa
 
 from pipeline.config import RunConfig
-from pipeline.images import measure_image, shorten_url
 from pipeline.manifest import Skipped, manifest_base_dir, read_manifest
 from pipeline.plan import (
     Estimate,
@@ -54,9 +53,11 @@ from pipeline.records import (
     PreparedImage,
     RowError,
 )
-from pipeline.remote import is_remote_url, open_session, probe_image
+from pipeline.refs import is_remote_url, shorten_url
+from pipeline.remote import open_session, probe_image
 from pipeline.request import plan_request
 from pipeline.sink import ESTIMATE_ROWS_SCHEMA, ParquetFileWriter, read_output, rows_to_table
+from pipeline.sniff import measure_image
 
 CHUNK_ROWS = 2048  # rows read, sized and tallied together: memory stays flat whatever the manifest's size
 SIZING_THREADS = 4  # header reads are mostly Python under the GIL; threads pay off on slow or network disks

@@ -1,19 +1,13 @@
-"""Reading, sniffing, orienting, downscaling and encoding images for the wire.
+"""Preparing image bytes for the wire: decoding, orienting, downscaling and encoding.
 
 A local image (or, with ``images.fetch_remote``, a downloaded one: ``prepare_image_bytes``) is sent as a
 data URL of exactly the pixels the service looks at (``tokens.viewed_size``): smaller requests, the same
-bill. Remote http(s) URLs and data URLs pass through untouched. Pillow reads headers and the formats
-libvips is not given; libvips (pyvips) reads plain colour JPEGs, and shrinks and encodes every image.
-Everything here blocks: call it from a thread, never from the event loop (the runner keeps a pool of
-``image_threads``). Nothing here speaks HTTP (``remote.py`` downloads).
-
-Formats are sniffed from the bytes, never taken from the file name: JPEG (MPO counts as JPEG), PNG, WebP,
-GIF (its first frame), BMP, TIFF (its first page), AVIF (Pillow >= 11.3 reads it natively) and
-HEIC/HEIF when a HEIF plugin is installed (``pi-heif``, decode-only; ``pillow-heif`` works too). Without
-one, a HEIC file is refused with a reason that says what to install. A local file whose extension names
-another format than its bytes (a PNG named .jpg: usually an export gone wrong upstream) is refused unless
-``images.extension_must_match = false``; downloads are not held to their URL's extension, as servers
-often answer a .jpg URL with WebP.
+bill. Remote http(s) URLs and data URLs pass through untouched. What a reference is comes from
+``refs.py``; where a local file may be, its format, its size and the refusals made before decoding come
+from ``sniff.py``. Pillow reads headers and the formats libvips is not given; libvips (pyvips) reads
+plain colour JPEGs, and shrinks and encodes every image. Everything here blocks: call it from a thread,
+never from the event loop (the runner keeps a pool of ``image_threads``). Nothing here speaks HTTP
+(``remote.py`` downloads).
 
 Encoding: JPEG at ``images.jpeg_quality`` by default; ``images.encoding = "png"`` sends lossless PNG.
 No metadata goes along (EXIF, GPS, comments, colour profiles): an embedded ICC profile is not applied
@@ -29,68 +23,33 @@ low or high based on the size of the image input". The high view leaves an image
 side is over 768 px or its long side over 2048 px, and then keeps its long side at 768 px or more; so an
 image that fits the 512×512 low view still does and one that does not still does not, and any threshold
 on the long side up to 768 px decides the same for the prepared image as for the original.
+
+Setup: ``setup()`` (``sniff.register_formats()``, then libvips set up for the run's pool) changes Pillow
+and libvips for the whole process, so importing this module does not run it; ``prepare_image`` and
+``prepare_image_bytes`` call it themselves, and it is idempotent.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import ctypes
 import io
 import logging
 import os
-import re
-import stat
 import struct
-import warnings
+import threading
 from collections.abc import Sequence
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import BinaryIO
-from urllib.parse import urlsplit
 
 import pyvips
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from pipeline import tokens
+from pipeline import sniff, tokens
 from pipeline.config import ImagesConfig
 from pipeline.records import Detail, ErrorKind, ImageError, PreparedImage, RowError
-
-try:  # decode-only HEIF support; optional so that a plain `pip install` still works without it
-    import pi_heif as _heif_plugin
-except ImportError:  # pragma: no cover - requirements.lock installs pi-heif
-    try:
-        import pillow_heif as _heif_plugin  # type: ignore[no-redef]
-    except ImportError:
-        _heif_plugin = None  # type: ignore[assignment]
-if _heif_plugin is not None:
-    _heif_plugin.register_heif_opener()
-
-# Each thread of the run's image pool shrinks one image at a time: libvips needs no threads of its own,
-# and nothing it computes is used twice, so its operation cache would only hold on to pixels.
-pyvips.concurrency_set(1)
-pyvips.cache_set_max(0)
-# pyvips relays libvips' messages to logging: an INFO line per operation ("threadpool completed") and a
-# WARNING per tile of a damaged image, whose one-line reason is already the row's error
-logging.getLogger("pyvips").setLevel(logging.ERROR)
-
-Image.init()  # registers every format plugin: Image.open(formats=...) only knows those already loaded
-
-# Tried in this order. AVIF before HEIF: a HEIF plugin may claim AVIF files it has no decoder for.
-_WANTED_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "GIF": "GIF", "BMP": "BMP", "TIFF": "TIFF",
-                   "AVIF": "AVIF", "HEIF": "HEIC"}  # fmt: skip
-SNIFFED_FORMATS = tuple(name for name in _WANTED_FORMATS if name in Image.OPEN)  # MPO opens as JPEG
-_NAMES = [_WANTED_FORMATS[name] for name in SNIFFED_FORMATS]
-SUPPORTED_NAMES = ", ".join(_NAMES[:-1]) + " or " + _NAMES[-1]
-# Pillow's names that are one format as far as a file's extension goes (AVIF is HEIF with AV1 inside)
-_FORMAT_FAMILY = {"MPO": "JPEG", "DIB": "BMP", "AVIF": "HEIF"}
-
-# ISO base media files (HEIF, AVIF) start with an ftyp box: size, "ftyp", major brand, version, brands.
-HEIF_BRANDS = frozenset(
-    {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
-)
-AVIF_BRANDS = frozenset({b"avif", b"avis"})
-SNIFF_BYTES = 64
+from pipeline.refs import shorten_url, url_scheme
 
 FLATTEN_ONTO_RGB = (255, 255, 255)  # transparent pixels become white, as most viewers show them
 # Shrinking is libvips' Lanczos-3, whose vectorised kernels take 7 ms of CPU for a 2000×1500 draft of a
@@ -106,10 +65,6 @@ ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 ORIENTATIONS_SWAPPING_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the picture a quarter
 IN_ORDER_ORIENTATIONS = (1, 2)  # upright, or mirrored left to right: turned upright line by line
 
-# Anything of more than images.max_pixels is refused from its header, before decoding, so Pillow's
-# warning for images between its own limit (~89 Mpx) and ours is noise in an unattended run.
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-
 log = logging.getLogger(__name__)
 
 # glibc's mallopt parameters (malloc.h) and the values reuse_freed_image_memory sets: blocks up to the
@@ -118,8 +73,31 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 MALLOC_MMAP_BYTES = 32 * 1024 * 1024
 MALLOC_TRIM_BYTES = 128 * 1024 * 1024
 
-_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_DATA_URL_HEAD_CHARS = 64  # how much of a malformed data URL's header a log line may show
+_ready = False
+_ready_lock = threading.Lock()
+
+
+def setup() -> None:
+    """Set Pillow and libvips up for preparing images: ``sniff.register_formats()``, then libvips' settings.
+
+    Process-wide and idempotent (thread-safe; after the first call, one flag test). ``prepare_image`` and
+    ``prepare_image_bytes`` call it first, so no caller has to; importing this module changes nothing.
+    """
+    global _ready
+    if _ready:
+        return
+    with _ready_lock:
+        if _ready:
+            return
+        sniff.register_formats()
+        # Each thread of the run's image pool shrinks one image at a time: libvips needs no threads of its
+        # own, and nothing it computes is used twice, so its operation cache would only hold on to pixels.
+        pyvips.concurrency_set(1)
+        pyvips.cache_set_max(0)
+        # pyvips relays libvips' messages to logging: an INFO line per operation ("threadpool completed")
+        # and a WARNING per tile of a damaged image, whose one-line reason is already the row's error
+        logging.getLogger("pyvips").setLevel(logging.ERROR)
+        _ready = True
 
 
 def reuse_freed_image_memory() -> None:
@@ -173,7 +151,8 @@ def prepare_image(
     another URL scheme, a path outside the allowed folders, a missing, empty, unreadable, truncated or
     unsupported file, more than ``cfg.max_pixels`` pixels, or more than ``cfg.max_image_bytes`` to send.
     """
-    scheme = _scheme(ref)
+    setup()
+    scheme = url_scheme(ref)
     if scheme in ("http", "https"):
         return PreparedImage(url=ref, width=None, height=None)
     if scheme == "data":
@@ -185,7 +164,7 @@ def prepare_image(
             kind=ErrorKind.UNSUPPORTED_FORMAT,
             path=shorten_url(ref),
         )
-    path = _local_path(ref, base_dir=base_dir, allowed_roots=cfg.allowed_roots, row_id=row_id)
+    path = sniff.resolve_local_path(ref, base_dir=base_dir, allowed_roots=cfg.allowed_roots, row_id=row_id)
     return _prepare(path, ref=ref, detail=detail, cfg=cfg, row_id=row_id)
 
 
@@ -196,23 +175,11 @@ def prepare_image_bytes(
 
     `ref` names the image in errors (pass the URL; it is shortened). Blocks. Raises ImageError.
     """
+    setup()
     short = shorten_url(ref)
     if not data:
         raise ImageError(row_id, "download is empty (0 bytes)", kind=ErrorKind.UNREADABLE_IMAGE, path=short)
     return _prepare(io.BytesIO(data), ref=short, detail=detail, cfg=cfg, row_id=row_id)
-
-
-def read_image_size(path: Path) -> tuple[int, int]:
-    """The stored width and height in pixels of an image file, from its header only (nothing is decoded).
-
-    EXIF orientation is ignored: token counts are the same either way round. Raises OSError when the
-    file is missing, unreadable, not a supported image, or too large for Pillow to open safely.
-    """
-    try:
-        with Image.open(path, formats=SNIFFED_FORMATS) as im:
-            return im.size
-    except Image.DecompressionBombError as err:
-        raise OSError(f"{path}: {err}") from err
 
 
 def check_request_size(images: Sequence[PreparedImage], *, cfg: ImagesConfig, row_id: str) -> None:
@@ -231,120 +198,6 @@ def check_request_size(images: Sequence[PreparedImage], *, cfg: ImagesConfig, ro
         )
 
 
-def measure_image(ref: str, *, base_dir: Path, cfg: ImagesConfig, row_id: str) -> tuple[int, int] | None:
-    """The pixel size of image `ref` as ``prepare_image`` would see it, from headers only; None for http(s).
-
-    For the estimator: the same reference rules and refusals as ``prepare_image`` under `cfg` (folders
-    outside ``cfg.allowed_roots``, more than ``cfg.max_pixels``, a data URL of more than
-    ``cfg.max_image_bytes``) without decoding or encoding anything. What only encoding can tell (a local
-    image too large once encoded) is not checked. Blocks on file reads. Raises ImageError.
-    """
-    scheme = _scheme(ref)
-    if scheme in ("http", "https"):
-        return None
-    if scheme == "data":
-        width, height, _ = _measure_data_url(ref, cfg=cfg, row_id=row_id)
-        return width, height
-    if scheme is not None:
-        raise ImageError(
-            row_id,
-            f"{scheme}: URLs are not supported (use http(s), data: or a path)",
-            kind=ErrorKind.UNSUPPORTED_FORMAT,
-            path=shorten_url(ref),
-        )
-    path = _local_path(ref, base_dir=base_dir, allowed_roots=cfg.allowed_roots, row_id=row_id)
-    width, height, fmt = _header(path, ref=ref, row_id=row_id)
-    if cfg.extension_must_match:
-        _check_extension(ref, fmt, row_id=row_id)
-    _check_pixels(width, height, cfg=cfg, ref=ref, row_id=row_id)
-    return width, height
-
-
-def measure_image_bytes(data: bytes, *, ref: str, row_id: str) -> tuple[int, int]:
-    """The pixel size in the header of an image's bytes, or of only its first bytes; nothing is decoded.
-
-    `ref` names the image in errors (pass the URL; it is shortened). Raises ImageError when the bytes are
-    not a supported image or its size lies past them.
-    """
-    width, height, _ = _header(io.BytesIO(data), ref=shorten_url(ref), row_id=row_id)
-    return width, height
-
-
-def shorten_url(url: str) -> str:
-    """A reference fit for a log line: a data URL loses its payload, a URL its query string and credentials.
-
-    ``data:image/jpeg;base64,<183 kB>``; ``https://acct.blob.core.windows.net/c/a.jpg?…`` (the query may
-    hold a SAS token). Anything else (a local path) comes back unchanged.
-    """
-    if url[:5].lower() == "data:":
-        head, comma, payload = url.partition(",")
-        if not comma:
-            return f"data:<{_human_bytes(len(url))}, malformed>"
-        head = head if len(head) <= _DATA_URL_HEAD_CHARS else head[:_DATA_URL_HEAD_CHARS] + "…"
-        size = len(payload) * 3 // 4 if head.lower().endswith(";base64") else len(payload)
-        return f"{head},<{_human_bytes(size)}>"
-    if _scheme(url) is None:
-        return url
-    try:
-        parts = urlsplit(url)
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:  # a malformed port or host: show the scheme only
-        return f"{_scheme(url)}://<malformed>"
-    dropped = "?…" if parts.query or parts.fragment else ""
-    host = parts.hostname or ""
-    host = f"[{host}]" if ":" in host else host  # an IPv6 address keeps its brackets
-    return f"{parts.scheme}://{host}{port}{parts.path}{dropped}"
-
-
-def _scheme(ref: str) -> str | None:
-    """The lower-case URL scheme of `ref`, or None for a local path (a name like ``a:b.jpg`` is a path)."""
-    if ref[:5].lower() == "data:":
-        return "data"
-    match = _URL_SCHEME.match(ref)
-    return match.group(1).lower() if match else None
-
-
-def _local_path(ref: str, *, base_dir: Path, allowed_roots: Sequence[str], row_id: str) -> Path:
-    """`ref` resolved against `base_dir`: inside an allowed root once links are followed, a non-empty file.
-
-    The roots are `allowed_roots` (relative ones against `base_dir`), or `base_dir` alone when empty.
-    """
-    base = base_dir.resolve()
-    try:
-        roots = [(base / Path(root).expanduser()).resolve() for root in allowed_roots] or [base]
-        path = (base / ref).resolve()
-        if not any(path.is_relative_to(root) for root in roots):
-            if allowed_roots:
-                raise ImageError(
-                    row_id,
-                    f"outside images.allowed_roots ({', '.join(map(str, roots))})",
-                    kind=ErrorKind.OUTSIDE_ALLOWED_FOLDERS,
-                    path=ref,
-                )
-            raise ImageError(
-                row_id,
-                f"outside the manifest's folder {base}",
-                kind=ErrorKind.OUTSIDE_ALLOWED_FOLDERS,
-                path=ref,
-            )
-        st = path.stat()
-    except FileNotFoundError:
-        raise ImageError(row_id, "file not found", kind=ErrorKind.MISSING_FILE, path=ref) from None
-    except (OSError, RuntimeError, ValueError) as err:  # RuntimeError: a symlink loop (Python 3.11)
-        raise ImageError(
-            row_id, f"cannot read: {_one_line(err)}", kind=ErrorKind.UNREADABLE_IMAGE, path=ref
-        ) from None
-    if stat.S_ISDIR(st.st_mode):
-        raise ImageError(row_id, "is a folder, not an image", kind=ErrorKind.UNREADABLE_IMAGE, path=ref)
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageError(
-            row_id, "is not a regular file", kind=ErrorKind.UNREADABLE_IMAGE, path=ref
-        )  # a FIFO would block the worker forever
-    if st.st_size == 0:
-        raise ImageError(row_id, "file is empty (0 bytes)", kind=ErrorKind.UNREADABLE_IMAGE, path=ref)
-    return path
-
-
 def _prepare(
     source: Path | io.BytesIO, *, ref: str, detail: Detail, cfg: ImagesConfig, row_id: str
 ) -> PreparedImage:
@@ -358,14 +211,14 @@ def _prepare(
     both read the same bytes, whatever happens to its name meanwhile.
     """
     try:
-        with _opened(source) as fp, Image.open(fp, formats=SNIFFED_FORMATS) as im:
+        with _opened(source) as fp, Image.open(fp, formats=sniff.SNIFFED_FORMATS) as im:
             source_bytes = (
                 os.fstat(fp.fileno()).st_size if isinstance(source, Path) else len(source.getbuffer())
             )
             stored_w, stored_h = im.size
             if isinstance(source, Path) and cfg.extension_must_match:
-                _check_extension(ref, im.format or "", row_id=row_id)
-            _check_pixels(stored_w, stored_h, cfg=cfg, ref=ref, row_id=row_id)
+                sniff.check_extension(ref, im.format or "", row_id=row_id)
+            sniff.check_pixels(stored_w, stored_h, cfg=cfg, ref=ref, row_id=row_id)
             orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
             turns = orientation in ORIENTATIONS_SWAPPING_SIDES
             target = tokens.viewed_size(*((stored_h, stored_w) if turns else (stored_w, stored_h)), detail)
@@ -384,7 +237,10 @@ def _prepare(
         ) from None
     except UnidentifiedImageError:
         raise ImageError(
-            row_id, _unidentified_reason(_head(source)), kind=ErrorKind.UNSUPPORTED_FORMAT, path=ref
+            row_id,
+            sniff.unidentified_reason(sniff.read_head(source)),
+            kind=ErrorKind.UNSUPPORTED_FORMAT,
+            path=ref,
         ) from None
     except Image.DecompressionBombError as err:
         raise ImageError(
@@ -538,129 +394,10 @@ def _encode(im: pyvips.Image, cfg: ImagesConfig) -> tuple[str, bytes]:
     return "image/jpeg", im.jpegsave_buffer(Q=cfg.jpeg_quality, subsample_mode="on", keep="none")
 
 
-def _head(source: Path | io.BytesIO) -> bytes:
-    """The first bytes of a file or buffer, to say what an unreadable image is."""
-    if isinstance(source, io.BytesIO):
-        return source.getvalue()[:SNIFF_BYTES]
-    try:
-        with open(source, "rb") as f:
-            return f.read(SNIFF_BYTES)
-    except OSError:
-        return b""
-
-
-def _unidentified_reason(head: bytes) -> str:
-    """Why Pillow opened none of our formats: one we know but cannot read on this install, or another one."""
-    if head[4:8] == b"ftyp":
-        box_end = min(len(head), int.from_bytes(head[:4], "big"))
-        brands = {head[8:12]} | {head[i : i + 4] for i in range(16, box_end - 3, 4)}
-        if brands & AVIF_BRANDS:
-            return "AVIF image, but this Pillow cannot read AVIF: install Pillow 11.3 or newer from a wheel"
-        if brands & HEIF_BRANDS:
-            return "HEIC/HEIF image, but no HEIF reader is installed: pip install pi-heif"
-    return f"not a {SUPPORTED_NAMES} image"
-
-
 def _prepare_data_url(url: str, *, cfg: ImagesConfig, row_id: str) -> PreparedImage:
     """A data URL goes out as given; its size comes from the decoded header, nothing more is decoded."""
-    width, height, nbytes = _measure_data_url(url, cfg=cfg, row_id=row_id)
+    width, height, nbytes = sniff.measure_data_url(url, cfg=cfg, row_id=row_id)
     return PreparedImage(url=url, width=width, height=height, source_bytes=nbytes, sent_bytes=nbytes)
-
-
-def _measure_data_url(url: str, *, cfg: ImagesConfig, row_id: str) -> tuple[int, int, int]:
-    """Width, height and byte count of a data URL's image, refused as ``cfg`` refuses it. Reads its header."""
-    short = shorten_url(url)
-    data = _decode_data_url(url, row_id=row_id)
-    if len(data) > cfg.max_image_bytes:
-        raise ImageError(
-            row_id,
-            f"{len(data):,} bytes is more than images.max_image_bytes = {cfg.max_image_bytes:,}",
-            kind=ErrorKind.TOO_LARGE,
-            path=short,
-        )
-    width, height, _ = _header(io.BytesIO(data), ref=short, row_id=row_id)
-    _check_pixels(width, height, cfg=cfg, ref=short, row_id=row_id)
-    return width, height, len(data)
-
-
-def _decode_data_url(url: str, *, row_id: str) -> bytes:
-    """The bytes of a ``data:<type>;base64,<payload>`` URL."""
-    short = shorten_url(url)
-    head, comma, payload = url.partition(",")
-    if not comma or not head.lower().endswith(";base64"):
-        raise ImageError(
-            row_id,
-            "a data URL must look like data:image/<type>;base64,<data>",
-            kind=ErrorKind.UNREADABLE_IMAGE,
-            path=short,
-        )
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise ImageError(
-            row_id, "data URL is not valid base64", kind=ErrorKind.UNREADABLE_IMAGE, path=short
-        ) from None
-    if not data:
-        raise ImageError(row_id, "data URL holds no bytes", kind=ErrorKind.UNREADABLE_IMAGE, path=short)
-    return data
-
-
-def _header(source: Path | io.BytesIO, *, ref: str, row_id: str) -> tuple[int, int, str]:
-    """Width, height and Pillow's format name, from the image's header only."""
-    try:
-        with Image.open(source, formats=SNIFFED_FORMATS) as im:
-            return im.width, im.height, im.format or ""
-    except UnidentifiedImageError:
-        raise ImageError(
-            row_id, _unidentified_reason(_head(source)), kind=ErrorKind.UNSUPPORTED_FORMAT, path=ref
-        ) from None
-    except Image.DecompressionBombError as err:
-        raise ImageError(
-            row_id,
-            f"too many pixels to decode safely: {_one_line(err)}",
-            kind=ErrorKind.TOO_MANY_PIXELS,
-            path=ref,
-        ) from None
-    except OSError as err:
-        raise ImageError(
-            row_id, f"cannot read: {_one_line(err)}", kind=ErrorKind.UNREADABLE_IMAGE, path=ref
-        ) from None
-
-
-def _check_extension(ref: str, fmt: str, *, row_id: str) -> None:
-    """Refuse a file whose extension names another format than its bytes hold, such as a PNG named .jpg.
-
-    An extension Pillow does not know (or none) names nothing and passes; MPO counts as JPEG.
-    """
-    suffix = PurePath(ref).suffix
-    named = Image.registered_extensions().get(suffix.lower())
-    if named is None or _FORMAT_FAMILY.get(named, named) == _FORMAT_FAMILY.get(fmt, fmt):
-        return
-    raise ImageError(
-        row_id,
-        f"named {suffix} but the bytes are {_WANTED_FORMATS.get(fmt, fmt)}: rename the file, "
-        "or set images.extension_must_match = false to go by the bytes",
-        kind=ErrorKind.WRONG_EXTENSION,
-        path=ref,
-    )
-
-
-def _check_pixels(width: int, height: int, *, cfg: ImagesConfig, ref: str, row_id: str) -> None:
-    if width * height > cfg.max_pixels:
-        raise ImageError(
-            row_id,
-            f"too many pixels: {width}×{height} is more than images.max_pixels = {cfg.max_pixels:,}",
-            kind=ErrorKind.TOO_MANY_PIXELS,
-            path=ref,
-        )
-
-
-def _human_bytes(n: int) -> str:
-    if n < 1000:
-        return f"{n} B"
-    if n < 1_000_000:
-        return f"{n / 1000:.0f} kB"
-    return f"{n / 1_000_000:.1f} MB"
 
 
 def _one_line(err: BaseException) -> str:

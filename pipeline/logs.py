@@ -19,7 +19,7 @@ import re
 import sys
 from typing import Any, Literal, TextIO
 
-from pipeline.images import shorten_url
+from pipeline.refs import shorten_url
 
 LogFormat = Literal["text", "json", "auto"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json", "auto")

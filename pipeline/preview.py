@@ -21,9 +21,10 @@ from pipeline import checkpoint
 from pipeline.captioner import prepare_images
 from pipeline.client import endpoint_for
 from pipeline.config import RunConfig
-from pipeline.images import image_threads, shorten_url
+from pipeline.images import image_threads
 from pipeline.manifest import Skipped, manifest_base_dir, read_manifest
 from pipeline.records import ManifestError, RowError
+from pipeline.refs import shorten_url
 from pipeline.request import RequestPlan, plan_request
 
 BATCH_ROWS = 256  # manifest rows read per thread hop

@@ -28,10 +28,10 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from pipeline.config import ImagesConfig
-from pipeline.images import measure_image_bytes, shorten_url
 from pipeline.records import ErrorKind, ImageError, RemoteProbe
+from pipeline.refs import REMOTE_SCHEMES, shorten_url
+from pipeline.sniff import measure_image_bytes
 
-REMOTE_SCHEMES = ("http", "https")
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 READ_CHUNK_BYTES = 64 * 1024
 USER_AGENT = "vision-pipeline/0.1 (image download)"
@@ -48,12 +48,6 @@ class AddressRefused(OSError):
 
 class _HopRefused(Exception):
     """A redirect that is not followed: to another scheme, without a Location, or one too many."""
-
-
-def is_remote_url(ref: str) -> bool:
-    """Whether the manifest reference `ref` is an http(s) URL, the kind ``fetch_image`` downloads."""
-    scheme, sep, _ = ref.partition("://")
-    return bool(sep) and scheme.lower() in REMOTE_SCHEMES
 
 
 def is_public_address(address: str) -> bool:

@@ -30,6 +30,7 @@ from PIL import Image, ImageOps
 from pipeline.exits import EXIT_MEANINGS
 from pipeline.records import FILTER_CATEGORIES
 from pipeline.sink import RUN_FILE, read_output
+from pipeline.sniff import register_formats
 from pipeline.status import STATUS_COLUMNS, OutputStatus, read_status
 
 REPORT_FILE = "_report.html"  # "_": dataset readers skip it, as they skip _run.json
@@ -140,6 +141,7 @@ def thumbnail(ref: str | None, base_dir: Path | None) -> tuple[str | None, str |
             source: Path | io.BytesIO = io.BytesIO(base64.b64decode(ref.partition(",")[2]))
         else:
             source = Path(ref) if Path(ref).is_absolute() or base_dir is None else base_dir / ref
+        register_formats()  # a HEIC photo's thumbnail needs the HEIF plugin registered
         with Image.open(source) as opened:
             im: Image.Image = opened
             im.draft("RGB", (2 * THUMBNAIL_PX, 2 * THUMBNAIL_PX))  # a JPEG decodes at 1/2…1/8 scale: fast

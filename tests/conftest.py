@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import dataclasses
+import json
+import struct
+import subprocess
+import sys
+import textwrap
+import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,12 +23,51 @@ from pipeline.emulator import Emulator
 
 TEST_KEY = "test-key-7f3a9c1e5b2d4f6a8c0e"  # what a leak would look like: tests grep outputs for it
 KEY_ENV = "VISION_PIPELINE_TEST_KEY"
+ROOT = Path(__file__).resolve().parent.parent
+# A 64×48 HEIC, left half red and right half blue, as an iPhone would store it (ftyp heic, HEVC inside).
+# Made once with pillow-heif 1.8.1's encoder, which this project does not install: it reads, never writes.
+TINY_HEIC = base64.b64decode(
+    "AAAAHGZ0eXBoZWljAAAAAG1pZjFoZWljbWlhZgAAAX1tZXRhAAAAAAAAACFoZGxyAAAAAAAAAABwaWN0AAAAAAAAAAAAAAAAAAAAACJpbG9j"
+    "AAAAAERAAAEAAQAAAAABoQABAAAAAAAAAGoAAAAjaWluZgAAAAAAAQAAABVpbmZlAgAAAAABAABodmMxAAAAAA5waXRtAAAAAAABAAAA/Wlw"
+    "cnAAAADdaXBjbwAAAHZodmNDAQNwAAAAkAAAAAAAHvAA/P34+AAADwNgAAEAGEABDAH//wNwAAADAJAAAAMAAAMAHroCQGEAAQAqQgEBA3AA"
+    "AAMAkAAAAwAAAwAeoCCBBZbq5Ka5uAhoMCAAAAMDIAAAAwAhYgABAAZEAcFzwIkAAAATY29scm5jbHgAAQANAAaAAAAAFGlzcGUAAAAAAAAA"
+    "QAAAAEAAAAAoY2xhcAAAAEAAAAABAAAAMAAAAAEAAAAAAAAAAv////AAAAACAAAAEHBpeGkAAAAAAwgICAAAABhpcG1hAAAAAAAAAAEAAQWB"
+    "AgMFhAAAAHJtZGF0AAAAZigBrxOA+BDhp//8TSj/+nXPD9PMiYn/+tNSR/hUO//WicPySkWzrHl9nv8H4h1KpEq3xpK+HfM2sf+d4tvFAhne"
+    "Iy6JZXLEP+zlxMa+qdw77mN6fapRbf83mqG4xuGn3Gx6O58SuA=="
+)
 
 
 def make_image(path: Path, size: tuple[int, int] = (64, 48), fmt: str = "PNG", color: str = "teal") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, color).save(path, format=fmt)
     return path
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG declaring `width`×`height` with no pixel data: decoding it would fail, opening it works."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+def in_fresh_python(code: str) -> Any:
+    """Run `code` in a new interpreter, where nothing is imported yet, and return the JSON it prints last.
+
+    For what importing a module does to the process: this one has long imported everything.
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:

@@ -10,17 +10,16 @@ import os
 import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
-from conftest import azure_config, make_image, write_csv
+from conftest import azure_config, make_image, png_header_only, write_csv
 from hypothesis import given
 from hypothesis import strategies as st
 
-import pipeline.images
+import pipeline.sniff
 from pipeline.config import RunConfig, config_from_mapping, load_config
 from pipeline.estimate import NOT_PROBED, EstimateOptions, ImageSize, estimate, estimate_row
 from pipeline.plan import SCHEMA, estimate_as_json, format_estimate
@@ -34,16 +33,6 @@ ROOT = Path(__file__).resolve().parent.parent
 ALLOW_LOOPBACK = {"allow_private_urls": True}  # the test servers listen on 127.0.0.1
 SAMPLE_MANIFEST = ROOT / "sample_data" / "manifest.csv"
 CLI = [sys.executable, "-m", "pipeline"]
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG declaring `width`×`height` with no pixel data: decoding it fails, reading its header works."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
 
 
 def config(**sections: dict) -> RunConfig:
@@ -183,7 +172,7 @@ async def test_refusals_of_the_images_module_are_grouped_by_error_kind(tmp_path,
     ftyp = struct.pack(">I", 24) + b"ftypheic" + b"\0\0\0\0" + b"mif1heic"
     (tmp_path / "shared" / "IMG_0001.HEIC").write_bytes(ftyp + b"\0" * 64)
     monkeypatch.setattr(
-        pipeline.images, "SNIFFED_FORMATS", tuple(f for f in pipeline.images.SNIFFED_FORMATS if f != "HEIF")
+        pipeline.sniff, "SNIFFED_FORMATS", tuple(f for f in pipeline.sniff.SNIFFED_FORMATS if f != "HEIF")
     )
     (tmp_path / "manifests").mkdir()
     rows = [

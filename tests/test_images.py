@@ -7,29 +7,22 @@ import concurrent.futures
 import dataclasses
 import io
 import json
+import logging
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
-from conftest import azure_config, make_image
+from conftest import TINY_HEIC, azure_config, in_fresh_python, make_image, png_header_only
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 import pipeline.images
+import pipeline.sniff
 from pipeline.config import ImagesConfig, config_from_mapping
 from pipeline.exits import EXIT_ROW_ERRORS
-from pipeline.images import (
-    image_threads,
-    measure_image,
-    prepare_image,
-    prepare_image_bytes,
-    read_image_size,
-    shorten_url,
-)
+from pipeline.images import image_threads, prepare_image, prepare_image_bytes
 from pipeline.records import ConfigError, ImageError, PreparedImage
 from pipeline.runner import RunOptions, run
 from pipeline.tokens import count_prompt_tokens, image_tokens, viewed_size
@@ -37,17 +30,6 @@ from pipeline.tokens import count_prompt_tokens, image_tokens, viewed_size
 CFG = ImagesConfig()
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 EXIF_ORIENTATION = 0x0112
-# A 64×48 HEIC, left half red and right half blue, as an iPhone would store it (ftyp heic, HEVC inside).
-# Made once with pillow-heif 1.8.1's encoder, which this project does not install: it reads, never writes.
-TINY_HEIC = base64.b64decode(
-    "AAAAHGZ0eXBoZWljAAAAAG1pZjFoZWljbWlhZgAAAX1tZXRhAAAAAAAAACFoZGxyAAAAAAAAAABwaWN0AAAAAAAAAAAAAAAAAAAAACJpbG9j"
-    "AAAAAERAAAEAAQAAAAABoQABAAAAAAAAAGoAAAAjaWluZgAAAAAAAQAAABVpbmZlAgAAAAABAABodmMxAAAAAA5waXRtAAAAAAABAAAA/Wlw"
-    "cnAAAADdaXBjbwAAAHZodmNDAQNwAAAAkAAAAAAAHvAA/P34+AAADwNgAAEAGEABDAH//wNwAAADAJAAAAMAAAMAHroCQGEAAQAqQgEBA3AA"
-    "AAMAkAAAAwAAAwAeoCCBBZbq5Ka5uAhoMCAAAAMDIAAAAwAhYgABAAZEAcFzwIkAAAATY29scm5jbHgAAQANAAaAAAAAFGlzcGUAAAAAAAAA"
-    "QAAAAEAAAAAoY2xhcAAAAEAAAAABAAAAMAAAAAEAAAAAAAAAAv////AAAAACAAAAEHBpeGkAAAAAAwgICAAAABhpcG1hAAAAAAAAAAEAAQWB"
-    "AgMFhAAAAHJtZGF0AAAAZigBrxOA+BDhp//8TSj/+nXPD9PMiYn/+tNSR/hUO//WicPySkWzrHl9nv8H4h1KpEq3xpK+HfM2sf+d4tvFAhne"
-    "Iy6JZXLEP+zlxMa+qdw77mN6fapRbf83mqG4xuGn3Gx6O58SuA=="
-)
 
 
 def sent_image(prepared: PreparedImage, fmt: str = "JPEG") -> Image.Image:
@@ -61,16 +43,6 @@ def sent_image(prepared: PreparedImage, fmt: str = "JPEG") -> Image.Image:
 
 def near(pixel: tuple[int, ...], colour: tuple[int, int, int], tolerance: int = 24) -> bool:
     return all(abs(a - b) <= tolerance for a, b in zip(pixel, colour, strict=True))
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG declaring `width`×`height` with no pixel data: decoding it would fail, opening it works."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
 
 
 def prepare(tmp_path: Path, ref: str, detail: str = "high", cfg: ImagesConfig = CFG) -> PreparedImage:
@@ -276,13 +248,6 @@ def test_an_extension_that_agrees_or_names_no_image_format_is_accepted(tmp_path,
     assert near(sent_image(prepare(tmp_path, name)).getpixel((50, 40)), RED)
 
 
-def test_the_estimate_refuses_a_png_named_jpg_in_the_same_words(tmp_path):
-    Image.new("RGB", (100, 80), RED).save(tmp_path / "mislabelled.jpg", "PNG")
-
-    with pytest.raises(ImageError, match="named .jpg but the bytes are PNG"):
-        measure_image("mislabelled.jpg", base_dir=tmp_path, cfg=CFG, row_id="row-1")
-
-
 def test_a_format_pillow_reads_but_the_service_does_not_is_refused(tmp_path):
     Image.new("RGB", (10, 10), RED).save(tmp_path / "image.jpg", "PPM")
 
@@ -321,8 +286,8 @@ def test_heic_or_avif_without_a_reader_is_refused_saying_what_to_install(
         Image.new("RGB", (32, 32), RED).save(tmp_path / name, "AVIF")
     else:
         (tmp_path / name).write_bytes(TINY_HEIC)
-    without = tuple(f for f in pipeline.images.SNIFFED_FORMATS if f != missing)
-    monkeypatch.setattr(pipeline.images, "SNIFFED_FORMATS", without)
+    without = tuple(f for f in pipeline.sniff.SNIFFED_FORMATS if f != missing)
+    monkeypatch.setattr(pipeline.sniff, "SNIFFED_FORMATS", without)
 
     with pytest.raises(ImageError, match=reason):
         prepare(tmp_path, name)
@@ -621,17 +586,6 @@ def test_allowed_roots_is_a_toml_list_and_anything_else_is_refused_naming_the_se
         config_from_mapping({"images": {"allowed_roots": ["/data", " "]}})
 
 
-def test_measure_image_honours_the_same_allowed_roots(tmp_path):
-    (tmp_path / "manifests").mkdir()
-    (tmp_path / "shared").mkdir()
-    (tmp_path / "shared" / "header.png").write_bytes(png_header_only(5000, 4000))
-
-    size = measure_image("../shared/header.png", base_dir=tmp_path / "manifests", row_id="r",
-                         cfg=ImagesConfig(allowed_roots=("../shared",)))  # fmt: skip
-
-    assert size == (5000, 4000)
-
-
 def test_absolute_path_inside_the_folder_is_accepted(tmp_path):
     Image.new("RGB", (10, 10), RED).save(tmp_path / "inside.png")
 
@@ -692,74 +646,6 @@ def test_data_url_of_a_non_image_is_refused(tmp_path):
         prepare(tmp_path, url)
 
 
-# Header-only reads and log-friendly references
-
-
-def test_read_image_size_reads_the_header_only(tmp_path):
-    (tmp_path / "header.png").write_bytes(png_header_only(5000, 4000))
-
-    assert read_image_size(tmp_path / "header.png") == (5000, 4000)
-
-
-@pytest.mark.parametrize("ref", ["huge.png", "pixels-data-url", "bytes-data-url"])
-def test_measure_image_refuses_what_prepare_image_refuses_in_the_same_words(tmp_path, ref):
-    """The estimate counts these rows as failing with the run's own error, read from headers only."""
-    (tmp_path / "huge.png").write_bytes(png_header_only(5000, 5000))
-    ref = {
-        "pixels-data-url": "data:image/png;base64," + base64.b64encode(png_header_only(5000, 5000)).decode(),
-        "bytes-data-url": "data:image/png;base64," + base64.b64encode(b"\x89PNG" + b"\0" * 3000).decode(),
-    }.get(ref, ref)
-    cfg = ImagesConfig(max_pixels=20_000_000, max_image_bytes=2_000)
-
-    with pytest.raises(ImageError) as measured:
-        measure_image(ref, base_dir=tmp_path, cfg=cfg, row_id="r")
-    with pytest.raises(ImageError) as prepared:
-        prepare_image(ref, base_dir=tmp_path, detail="high", cfg=cfg, row_id="r")
-
-    assert str(measured.value) == str(prepared.value)
-    assert "images.max_pixels" in str(measured.value) or "images.max_image_bytes" in str(measured.value)
-
-
-def test_read_image_size_of_a_non_image_raises_oserror(tmp_path):
-    (tmp_path / "notes.jpg").write_text("not an image")
-
-    with pytest.raises(OSError):
-        read_image_size(tmp_path / "notes.jpg")
-
-
-def test_measure_image_follows_the_same_reference_rules_as_prepare_image(tmp_path):
-    (tmp_path / "header.png").write_bytes(png_header_only(5000, 4000))
-
-    sizes = (
-        measure_image("header.png", base_dir=tmp_path, cfg=CFG, row_id="r"),
-        measure_image("https://example.com/a.jpg", base_dir=tmp_path, cfg=CFG, row_id="r"),
-    )
-
-    assert sizes == ((5000, 4000), None)
-    with pytest.raises(ImageError, match="outside"):
-        measure_image("../elsewhere.png", base_dir=tmp_path, cfg=CFG, row_id="r")
-
-
-def test_shorten_url_keeps_a_data_urls_type_and_size_only():
-    url = "data:image/jpeg;base64," + "A" * 244_000
-
-    assert shorten_url(url) == "data:image/jpeg;base64,<183 kB>"
-
-
-def test_shorten_url_drops_query_strings_and_credentials():
-    url = "https://user:pw@acct.blob.core.windows.net/c/cat.jpg?sv=2024&sig=SECRET"
-
-    assert shorten_url(url) == "https://acct.blob.core.windows.net/c/cat.jpg?…"
-
-
-def test_shorten_url_keeps_the_brackets_of_an_ipv6_host():
-    assert shorten_url("http://[fe80::1]:8080/a.jpg?sig=SECRET") == "http://[fe80::1]:8080/a.jpg?…"
-
-
-def test_shorten_url_leaves_local_paths_alone():
-    assert shorten_url("photos/cat.jpg") == "photos/cat.jpg"
-
-
 def test_image_threads_are_as_configured_or_one_more_than_the_usable_cores():
     assert image_threads(dataclasses.replace(CFG, threads=5)) == 5
     assert image_threads(CFG) == len(os.sched_getaffinity(0)) + 1
@@ -768,6 +654,60 @@ def test_image_threads_are_as_configured_or_one_more_than_the_usable_cores():
 def test_a_negative_thread_count_is_refused_naming_the_setting():
     with pytest.raises(ConfigError, match="images.threads = -1: must not be negative"):
         config_from_mapping({"images": {"threads": -1}})
+
+
+# Setup: nothing happens on import; the entry points set up what they need
+
+
+def test_importing_images_changes_neither_pillow_nor_libvips_until_setup():
+    """Plugins, libvips' threads and cache, its logger and a warnings filter are the whole process's: importing
+    the module leaves them alone; setup() sets them, and a second call changes nothing more."""
+    before, imported, ready, again = in_fresh_python("""
+        import json, logging, warnings
+        import pyvips
+        from PIL import Image
+
+        def state():
+            return {
+                "formats": sorted(Image.OPEN),
+                "vips_threads": pyvips.concurrency_get(),
+                "vips_cache_max": pyvips.cache_get_max(),
+                "vips_log_level": logging.getLogger("pyvips").level,
+                "bomb_filters": len([f for f in warnings.filters if f[2] is Image.DecompressionBombWarning]),
+            }
+
+        before = state()
+        import pipeline.images
+        imported = state()
+        pipeline.images.setup()
+        ready = state()
+        pipeline.images.setup()
+        print(json.dumps([before, imported, ready, state()]))
+    """)
+
+    assert imported == before and "HEIF" not in before["formats"]
+    assert "HEIF" in ready["formats"] and {"JPEG", "PNG", "WEBP"} <= set(ready["formats"])
+    assert (ready["vips_threads"], ready["vips_cache_max"], ready["bomb_filters"]) == (1, 0, 1)
+    assert ready["vips_log_level"] == logging.ERROR
+    assert again == ready
+
+
+def test_prepare_image_sets_itself_up_when_nobody_called_setup(tmp_path):
+    (tmp_path / "IMG_0001.HEIC").write_bytes(TINY_HEIC)
+
+    size, vips_cache_max = in_fresh_python(f"""
+        import json
+        from pathlib import Path
+        import pyvips
+        from pipeline.config import ImagesConfig
+        from pipeline.images import prepare_image
+
+        image = prepare_image("IMG_0001.HEIC", base_dir=Path({str(tmp_path)!r}), detail="high",
+                              cfg=ImagesConfig(), row_id="r")
+        print(json.dumps([[image.width, image.height], pyvips.cache_get_max()]))
+    """)
+
+    assert size == [64, 48] and vips_cache_max == 0
 
 
 # End to end: a run over good and bad images

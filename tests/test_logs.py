@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import KEY_ENV, TEST_KEY, make_image, write_csv
+from conftest import KEY_ENV, TEST_KEY, in_fresh_python, make_image, write_csv
 
 from pipeline.logs import JsonFormatter, TextFormatter, redact, resolve_format
 
@@ -31,6 +31,15 @@ def png_data_url(size: tuple[int, int] = (40, 30)) -> str:
     buffer = io.BytesIO()
     Image.new("RGB", size, "orange").save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_importing_logs_does_not_load_libvips():
+    """Shortening data URLs in log lines needs no image library: a command that only logs stays light."""
+    loaded = in_fresh_python(
+        "import json, sys; import pipeline.logs; print(json.dumps('pyvips' in sys.modules))"
+    )
+
+    assert loaded is False
 
 
 def test_a_json_line_carries_time_level_event_message_and_the_extra_fields():

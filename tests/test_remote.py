@@ -26,7 +26,6 @@ from pipeline.remote import (
     PROBE_REFUSED,
     fetch_image,
     is_public_address,
-    is_remote_url,
     open_session,
     probe_image,
 )
@@ -205,15 +204,6 @@ async def test_every_redirect_hop_is_checked_again(server, monkeypatch):
 )
 def test_only_public_internet_addresses_count_as_public(address, is_public):
     assert is_public_address(address) is is_public
-
-
-@pytest.mark.parametrize(
-    ("ref", "is_remote"),
-    [("https://a.example/x.jpg", True), ("HTTP://a.example/x.jpg", True), ("file:///x.jpg", False),
-     ("ftp://a.example/x.jpg", False), ("data:image/png;base64,AAAA", False), ("photos/x.jpg", False)],
-)  # fmt: skip
-def test_only_http_and_https_references_are_downloaded(ref, is_remote):
-    assert is_remote_url(ref) is is_remote
 
 
 # Probes for the estimate: the first bytes only, under the same rules

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from conftest import azure_config, make_image, write_csv
+from conftest import TINY_HEIC, azure_config, in_fresh_python, make_image, write_csv
 from PIL import Image
 
 from pipeline.emulator import FILTER_MARKER
@@ -64,6 +64,21 @@ def test_an_image_the_report_cannot_show_gets_a_reason_instead_of_a_thumbnail(tm
     thumb, missing = thumbnail(ref, tmp_path)
 
     assert thumb is None and reason in missing
+
+
+def test_a_heic_photo_gets_a_thumbnail_even_when_nothing_else_read_an_image_first(tmp_path):
+    """`vision-pipeline report` may run in a process that never prepared an image: HEIC still shows."""
+    (tmp_path / "IMG_0001.HEIC").write_bytes(TINY_HEIC)
+
+    thumb, missing = in_fresh_python(f"""
+        import json
+        from pathlib import Path
+        from pipeline.report import thumbnail
+
+        print(json.dumps(thumbnail("IMG_0001.HEIC", Path({str(tmp_path)!r}))))
+    """)
+
+    assert missing is None and thumb.startswith("data:image/jpeg;base64,")
 
 
 def data_url_png() -> str:
