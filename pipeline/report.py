@@ -134,6 +134,8 @@ def thumbnail(ref: str | None, base_dir: Path | None) -> tuple[str | None, str |
         return None, "no image"
     if "://" in ref and ref[:5].lower() != "data:":
         return None, "remote image (the report fetches nothing)"
+    if ref[:5].lower() == "data:" and ref.endswith(">"):  # "data:image/png;base64,<12 kB>"
+        return None, "inline image (the output keeps its type and size, not its bytes)"
     if ref[:5].lower() != "data:" and not Path(ref).is_absolute() and base_dir is None:
         return None, "manifest folder unknown"
     try:

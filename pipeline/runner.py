@@ -39,6 +39,7 @@ from pipeline.exits import (
     EXIT_USAGE,
 )
 from pipeline.images import image_threads, reuse_freed_image_memory
+from pipeline.journal import JOURNAL_DIR, Journal, Recovered, recover
 from pipeline.limits import Limits
 from pipeline.manifest import Skipped, count_rows, manifest_base_dir, read_manifest
 from pipeline.metrics import publish_metrics
@@ -94,6 +95,9 @@ async def _run_locked(
 ) -> RunSummary:
     loop = asyncio.get_running_loop()
     started_at, started = time.time(), loop.time()
+    recovered = Recovered()
+    if (options.output / JOURNAL_DIR).is_dir():  # a run before this one was killed: commit what it paid for
+        recovered = await asyncio.to_thread(recover, options.output)
     resume = await asyncio.to_thread(
         functools.partial(
             checkpoint.open_output,
@@ -131,10 +135,13 @@ async def _run_locked(
         stack.callback(image_pool.shutdown, wait=True, cancel_futures=True)
         base_dir = manifest_base_dir(options.manifest)
         captioner = Captioner(cfg, client, base_dir=base_dir, image_pool=image_pool, price=price)
-        stages = _Stages(
-            cfg, options, captioner, budget, Sink(options.output, cfg.output, run_id), resume.skip
-        )
-        await stages.run()
+        journal = Journal(options.output, run_id)
+        sink = Sink(options.output, cfg.output, run_id, journal=journal)
+        stages = _Stages(cfg, options, captioner, budget, sink, resume.skip)
+        try:
+            await stages.run()
+        finally:  # rows still buffered (the output could not be written) stay journalled for the next run
+            await asyncio.to_thread(journal.close, is_all_committed=sink.buffered_rows == 0)
     if stages.stop_code == EXIT_BUDGET:
         left = await asyncio.to_thread(_rows_left, cfg, options)
         stages.stopped_because = (
@@ -172,6 +179,8 @@ async def _run_locked(
         retries_by_cause=dict(sorted(counters.retries_by_cause.items())),
         latency_percentiles_s=latency_percentiles(tally.latencies_s),
         spend_usd=round(budget.spent_usd, 6) if price else None,
+        recovered_rows=recovered.rows,
+        recovered_cost_usd=recovered.cost_usd,
         max_cost_usd=cfg.limits.max_cost_usd,
     )
     stats = summary_as_dict(summary)
@@ -281,6 +290,8 @@ class _Stages:
                 tg.create_task(
                     self.sink.flush_every(self.cfg.output.flush_seconds, workers_done), name="flusher"
                 )
+                if self.sink.journal is not None:
+                    tg.create_task(self.sink.journal.sync_every(workers_done), name="journal-sync")
                 workers = [
                     tg.create_task(self.work(), name=f"worker-{n}")
                     for n in range(self.cfg.limits.concurrency)

@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -22,6 +22,10 @@ import pyarrow.parquet as pq
 
 from pipeline.config import OutputConfig
 from pipeline.records import FILTER_CATEGORIES, FilterResult, VisionResult
+from pipeline.refs import shorten_url
+
+if TYPE_CHECKING:
+    from pipeline.journal import Journal
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +100,19 @@ def _millis(epoch_s: float | None) -> int | None:
     return None if epoch_s is None else round(epoch_s * 1000)
 
 
+def _as_reference(ref: str) -> str:
+    """An image reference fit for the output: a data URL given in the manifest is the image itself, kept
+    out of the dataset (and the journal) as its type and size; paths and http(s) URLs stay as given."""
+    return shorten_url(ref) if ref[:5].lower() == "data:" else ref
+
+
 def result_to_row(result: VisionResult, run_id: str) -> dict[str, Any]:
     """One output row (a plain dict keyed by column) from a result. Pure."""
     task, usage = result.task, result.usage
     row: dict[str, Any] = {
         "id": task.row_id,
-        "image": task.images[0] if task.images else None,
-        "images": list(task.images),
+        "image": _as_reference(task.images[0]) if task.images else None,
+        "images": [_as_reference(ref) for ref in task.images],
         "prompt": task.prompt,
         "detail": task.detail,
         "status": result.status,
@@ -277,9 +287,15 @@ class Sink:
     """
 
     def __init__(
-        self, output: Path, cfg: OutputConfig, run_id: str, extra_columns: Sequence[str] = ()
+        self,
+        output: Path,
+        cfg: OutputConfig,
+        run_id: str,
+        extra_columns: Sequence[str] = (),
+        journal: Journal | None = None,
     ) -> None:
         self.output = output
+        self.journal = journal  # each row is journalled before it is buffered (journal.py)
         self._cfg = cfg
         self._run_id = run_id
         self._extra: dict[str, None] = dict.fromkeys(extra_columns)  # ordered set
@@ -294,8 +310,11 @@ class Sink:
         return len(self._rows)
 
     async def put(self, result: VisionResult) -> None:
-        """Add one row; commits a part when the buffer holds `rows_per_part` rows."""
-        self._rows.append(result_to_row(result, self._run_id))
+        """Add one row (journalled first); commits a part when the buffer holds `rows_per_part` rows."""
+        row = result_to_row(result, self._run_id)
+        if self.journal is not None:
+            self.journal.append(row)  # one write to the kernel: a kill from here on loses nothing paid for
+        self._rows.append(row)
         self._extra.update(dict.fromkeys(k for k in result.task.extra if k not in BASE_COLUMNS))
         if len(self._rows) >= self._cfg.rows_per_part:
             await self._commit(full_parts_only=True)
@@ -311,6 +330,8 @@ class Sink:
         async with self._lock:
             left = len(self._rows)
             while self._rows and (len(self._rows) >= per_part if full_parts_only else left > 0):
+                if self.journal is not None:
+                    self.journal.rotate()  # rows put from now on go to a segment of their own
                 rows = self._rows[: per_part if full_parts_only else min(per_part, left)]
                 del self._rows[: len(rows)]
                 left -= len(rows)
@@ -331,6 +352,8 @@ class Sink:
                     if is_committed:
                         self.committed_rows += len(rows)
                         self.committed_parts += 1
+                        if self.journal is not None:
+                            self.journal.committed(self.committed_rows)
                 log.info(
                     "committed %s: %d rows (%d this run)", name, len(rows), self.committed_rows,
                     extra={"event": "part_committed", "part": name, "rows": len(rows), "committed_rows": self.committed_rows},

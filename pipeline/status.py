@@ -6,13 +6,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.journal import pending_rows
 from pipeline.records import ConfigError
 from pipeline.sink import RUN_FILE, STATS_FILE, part_files, read_output
 
@@ -38,6 +39,9 @@ class OutputStatus:
     last_run: dict[str, Any] | None  # _stats.json of the last run, as written
     failed: list[FailedRow]  # at most MAX_FAILED_LISTED, by id
     failed_total: int
+    journalled: int = (
+        0  # rows answered (and paid for) but in no committed part yet: a run is going, or was killed
+    )
 
 
 def summarize(output: str, table: pa.Table, last_run: dict[str, Any] | None) -> OutputStatus:
@@ -69,7 +73,9 @@ def read_status(output: Path) -> OutputStatus:
         raise ConfigError(f"{output}: not a vision-pipeline output (no {RUN_FILE}, no part files)")
     stats_path = output / STATS_FILE
     last_run = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.exists() else None
-    return summarize(str(output), read_output(output, STATUS_COLUMNS), last_run)
+    status = summarize(str(output), read_output(output, STATUS_COLUMNS), last_run)
+    journalled, _ = pending_rows(output)
+    return replace(status, journalled=len(journalled))
 
 
 def format_status(status: OutputStatus) -> str:
@@ -81,6 +87,11 @@ def format_status(status: OutputStatus) -> str:
         f"tokens: {status.prompt_tokens} prompt + {status.completion_tokens} completion; cost ${status.cost_usd:.4f}",
         f"last row finished: {status.last_finished_at or 'never'}",
     ]
+    if status.journalled:
+        lines.append(
+            f"journalled: {status.journalled} rows answered but not yet in a part (a run is going on, or was "
+            "killed: the next run commits them without sending them again)"
+        )
     if status.last_run:
         run = status.last_run
         lines.append(

@@ -37,6 +37,8 @@ class RunSummary:
         None  # what this run's requests cost as far as it can know (budget.py); no price: None
     )
     max_cost_usd: float | None = None  # the spend cap, when one was set
+    recovered_rows: int = 0  # rows a killed run had paid for, committed from its journal before this run
+    recovered_cost_usd: float = 0.0  # their cost: spent by that run, not counted against this run's cap
 
     @property
     def rows(self) -> int:

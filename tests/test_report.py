@@ -146,7 +146,8 @@ async def test_the_sample_shows_descriptions_beside_thumbnails_of_local_and_inli
 
     thumbnails = re.findall(r'<img src="data:image/jpeg;base64,([^"]+)"', page)
 
-    assert len(thumbnails) == 7  # every ok row: five files, the hostile id's file, the data URL
+    assert len(thumbnails) == 6  # every ok row but the data URL's: five files, the hostile id's file
+    assert "inline image (the output keeps its type and size, not its bytes)" in page
     with Image.open(io.BytesIO(base64.b64decode(thumbnails[0]))) as im:
         assert max(im.size) <= 160
     description = read_output(output, ["id", "description"]).to_pylist()[0]["description"]

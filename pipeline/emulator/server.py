@@ -178,6 +178,11 @@ class Emulator:
         """Answer the next len(faults) requests with these, in order, once their key has been checked."""
         self._script.extend(faults)
 
+    @property
+    def scripted_left(self) -> int:
+        """Scripted answers no request has taken yet: 0 once the last one's request has arrived."""
+        return len(self._script)
+
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Listen on host:port (port 0: any free one) and return the URL. Raises OSError if it cannot bind."""
         if self._runner is not None:
