@@ -37,7 +37,7 @@ from PIL import Image
 
 from pipeline.config import RunConfig, load_config
 from pipeline.estimate import SIZING_THREADS, EstimateOptions, estimate, measure_local
-from pipeline.plan import estimate_as_json
+from pipeline.estimate_text import estimate_as_json
 from pipeline.runner import RunOptions, run
 
 ROOT = Path(__file__).resolve().parent.parent

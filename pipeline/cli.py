@@ -19,9 +19,10 @@ import click
 
 from pipeline.config import load_config, with_max_cost
 from pipeline.estimate import EstimateOptions, estimate
+from pipeline.estimate_text import estimate_as_json, format_estimate
 from pipeline.exits import EXIT_MEANINGS, EXIT_OK, EXIT_OUTPUT_FAILED, EXIT_USAGE
 from pipeline.logs import LOG_FORMATS, LogFormat, setup_logging
-from pipeline.plan import estimate_as_json, format_estimate, parse_window_h
+from pipeline.plan import parse_window_h
 from pipeline.preview import preview_as_json, preview_first_request
 from pipeline.records import ConfigError
 from pipeline.report import REPORT_FILE, write_report
@@ -202,6 +203,7 @@ def _window_h(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option(
     "--probe-urls", is_flag=True, help="Size http(s) images from their first 64 KiB (Range requests)."
 )
+@click.option("--max-cost", type=float, help="Does the run fit under this spend cap (US dollars)?")
 def estimate_command(
     config: Path,
     manifest: Path,
@@ -210,6 +212,7 @@ def estimate_command(
     observed: Path | None,
     window_h: float | None,
     probe_urls: bool,
+    max_cost: float | None,
 ) -> None:
     """What captioning MANIFEST under CONFIG will cost and how long it will take; nothing is sent."""
     _setup_logging(0, True)
@@ -217,7 +220,10 @@ def estimate_command(
         manifest, observed=observed, per_row=per_row, window_h=window_h, probe_urls=probe_urls
     )
     with _exit_on_errors(f"write {per_row}"):
-        result = asyncio.run(estimate(load_config(config), options))
+        cfg = load_config(config)
+        if max_cost is not None:
+            cfg = with_max_cost(cfg, max_cost)
+        result = asyncio.run(estimate(cfg, options))
     click.echo(json.dumps(estimate_as_json(result), indent=2) if as_json else format_estimate(result))
 
 

@@ -13,6 +13,7 @@ from conftest import TEST_KEY, azure_config, write_csv
 from pipeline.budget import Budget
 from pipeline.config import EmulatorConfig
 from pipeline.emulator import Emulator
+from pipeline.estimate import EstimateOptions, estimate
 from pipeline.exits import EXIT_BUDGET, EXIT_OK
 from pipeline.pricing import Price, cost_usd
 from pipeline.records import BudgetReached
@@ -149,3 +150,18 @@ def test_the_cap_and_the_spend_are_in_stats_and_the_summary(tmp_path):
     assert stats["max_cost_usd"] == 2.5 and 0 < stats["spend_usd"] <= 2.5
     assert "of the $2.5000 cap" in done.stdout
     assert stats["spend_usd"] == pytest.approx(stats["cost_usd"])  # every answer billed with usage
+
+
+async def test_the_estimate_says_how_many_rows_fit_under_the_cap_and_the_run_sends_at_least_those(
+    tmp_path, emulator, key_in_env
+):
+    manifest = write_csv(tmp_path / "m.csv", rows(30))
+    cfg = azure_config(emulator, limits={"max_cost_usd": 0.04, "concurrency": 4})
+
+    predicted = (await estimate(cfg, EstimateOptions(manifest))).cap
+    summary = await run(cfg, RunOptions(manifest, tmp_path / "out", handle_signals=False))
+
+    sent = len(read_output(tmp_path / "out").to_pylist())
+    assert predicted is not None and not predicted.fits_at_most and not predicted.fits_expected
+    assert summary.exit_code == EXIT_BUDGET
+    assert predicted.rows_within_at_most <= sent < 30

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import pipeline.sniff
 from pipeline.config import RunConfig, config_from_mapping, load_config
 from pipeline.estimate import NOT_PROBED, EstimateOptions, ImageSize, estimate, estimate_row
-from pipeline.plan import SCHEMA, estimate_as_json, format_estimate
+from pipeline.estimate_text import SCHEMA, estimate_as_json, format_estimate
 from pipeline.records import ConfigError, ImageTask
 from pipeline.remote import PROBE_REFUSED
 from pipeline.runner import RunOptions, run
@@ -418,6 +418,7 @@ def test_estimate_json_on_sample_data_follows_the_documented_schema():
         "duration",
         "failing",
         "observed",
+        "cap",
     ]
     assert doc["schema"] == SCHEMA and doc["rows"]["to_send"] == 13 and doc["prompt_tokens"] > 13 * 85
     assert set(doc["cost"]) == {
