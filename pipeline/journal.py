@@ -133,9 +133,6 @@ def pending_rows(output: Path) -> tuple[list[dict[str, Any]], int]:
                 record = _parse(line)
                 if record is None:
                     torn += 1
-                    log.warning(
-                        "%s: a record cut short (the run was killed while writing it) is skipped", segment
-                    )
                     continue
                 rows[(str(record["id"]), str(record["run_id"]))] = record
     if rows and part_files(output):
@@ -154,6 +151,10 @@ def recover(output: Path) -> Recovered:
     with the parts it did commit.
     """
     rows, torn = pending_rows(output)
+    if torn:
+        log.warning(
+            "journal: %d record(s) cut short by the kill are skipped; their rows will be sent again", torn
+        )
     by_run: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_run.setdefault(str(row["run_id"]), []).append(row)
