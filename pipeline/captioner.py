@@ -25,6 +25,7 @@ from pipeline.images import check_request_size, prepare_image, prepare_image_byt
 from pipeline.pricing import Price
 from pipeline.records import (
     BudgetReached,
+    ConfigError,
     Delivery,
     ErrorKind,
     ImageTask,
@@ -39,6 +40,7 @@ from pipeline.refs import is_remote_url
 from pipeline.remote import fetch_image, open_session
 from pipeline.request import RequestPlan, plan_request
 from pipeline.results import answered_result, failed_result
+from pipeline.structured import Structured
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +71,19 @@ class Captioner:
         base_dir: Path,
         image_pool: Executor,
         price: Price | None,
+        structured: Structured | None = None,
     ) -> None:
         self.cfg = cfg
         self.transport = transport
         self.base_dir = base_dir  # relative image paths are relative to the manifest's folder
         self.image_pool = image_pool  # decodes and encodes images (Pillow and libvips block)
         self.price = price  # None: the model has no price, cost_usd stays null
+        self.structured = structured  # the answer's JSON format, when not text (structured.py)
 
     async def plan(self, task: ImageTask) -> RequestPlan:
         """The row's images prepared and its request planned, nothing sent. Raises RowError."""
         images = await prepare_images(task, self.base_dir, self.cfg, self.image_pool)
-        return plan_request(task, images, self.cfg)
+        return plan_request(task, images, self.cfg, self.structured)
 
     async def caption(self, task: ImageTask) -> VisionResult:
         """The row's result: ok, filtered, or error with its kind and reason; timed and stamped.
@@ -95,8 +99,13 @@ class Captioner:
             if plan.refusal is not None:
                 raise plan.refusal
             delivery = await self.transport.send(plan)
-            result = answered_result(task, delivery, self.cfg, estimated, self.price)
-        except (RunAborted, NotSent, BudgetReached):
+            result = answered_result(task, delivery, self.cfg, estimated, self.price, self.structured)
+        except (
+            RunAborted,
+            NotSent,
+            BudgetReached,
+            ConfigError,
+        ):  # ConfigError: the service refuses a setting
             raise
         except RowError as err:
             result = failed_result(task, err, self.cfg, estimated)

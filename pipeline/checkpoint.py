@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import RunConfig
-from pipeline.records import ConfigError
+from pipeline.records import FAILED_STATUSES, ConfigError
 from pipeline.sink import (
     RUN_FILE,
     STATS_FILE,
@@ -57,12 +57,21 @@ class Settings:
     detail: str
     max_tokens: int
     temperature: float
+    # json_object, or json_schema and the schema's fingerprint; None (what outputs made before it hold) for text
+    answer_format: str | None = None
 
 
-def settings_of(cfg: RunConfig) -> Settings:
+def settings_of(cfg: RunConfig, answer_format: str | None = None) -> Settings:
     ep, req = cfg.endpoint, cfg.request
     return Settings(
-        ep.provider, ep.model, req.system_prompt, req.prompt, req.detail, req.max_tokens, req.temperature
+        ep.provider,
+        ep.model,
+        req.system_prompt,
+        req.prompt,
+        req.detail,
+        req.max_tokens,
+        req.temperature,
+        answer_format,
     )
 
 
@@ -160,11 +169,12 @@ def committed_rows(output: Path) -> int:
 
 
 def failed_ids(output: Path) -> set[str]:
-    """The ids whose committed row is an error (reads the id and status columns)."""
+    """The ids whose committed row failed: error, refused or invalid_output (reads the id and status columns)."""
     ids: set[str] = set()
+    failed = pa.array(FAILED_STATUSES)
     for path in part_files(output):
         table = pq.read_table(path, columns=["id", "status"])
-        ids.update(table.filter(pc.equal(table.column("status"), "error")).column("id").to_pylist())
+        ids.update(table.filter(pc.is_in(table.column("status"), failed)).column("id").to_pylist())
     return ids
 
 
@@ -238,6 +248,7 @@ def open_output(
     *,
     retry_failed: bool = False,
     new_run: bool = False,
+    answer_format: str | None = None,
 ) -> Resume:
     """Prepare `output` for a run and say which ids to skip. Blocking.
 
@@ -247,7 +258,7 @@ def open_output(
     """
     output.mkdir(parents=True, exist_ok=True)
     remove_temp_files(output)
-    settings = asdict(settings_of(cfg))
+    settings = asdict(settings_of(cfg, answer_format))
     identity_path = output / RUN_FILE
     previous: dict[str, Any] = {}
     archived = None

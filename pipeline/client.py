@@ -26,7 +26,15 @@ import aiohttp
 from pipeline.budget import Budget
 from pipeline.config import EndpointConfig, LimitsConfig
 from pipeline.limits import Limits, LimitsClosed
-from pipeline.records import ApiError, Delivery, ErrorKind, NotSent, RunAborted, TransportCounters
+from pipeline.records import (
+    ApiError,
+    ConfigError,
+    Delivery,
+    ErrorKind,
+    NotSent,
+    RunAborted,
+    TransportCounters,
+)
 from pipeline.request import RequestPlan, sends_model_in_body
 from pipeline.results import parse_usage
 
@@ -68,7 +76,7 @@ def endpoint_for(cfg: EndpointConfig, api_key: str | None) -> Endpoint:
 class Verdict:
     """What one HTTP answer means for this row."""
 
-    action: Literal["done", "filtered", "retry", "fail", "abort"]
+    action: Literal["done", "filtered", "retry", "fail", "abort", "unsupported"]
     wait_s: float | None = None  # what the server asked for, if it asked
 
 
@@ -78,6 +86,8 @@ def classify(status: int, headers: Mapping[str, str], body: object, *, now: floa
         return Verdict("done") if isinstance(body, Mapping) and "choices" in body else Verdict("retry")
     if status == 400 and error_code(body) == "content_filter":
         return Verdict("filtered")  # the filter's answer is a result, not a fault
+    if status == 400 and is_unsupported_format(body):
+        return Verdict("unsupported")  # every row would get the same answer: a setting to change
     if status in FATAL_STATUSES:
         return Verdict("abort")
     if status in RETRYABLE_STATUSES or status >= 500:
@@ -93,6 +103,14 @@ def retry_cause(status: int | None, err: BaseException | None = None) -> str:
     if status == 200:
         return "bad_body"
     return "http_5xx" if status >= 500 else f"http_{status}"
+
+
+def is_unsupported_format(body: object) -> bool:
+    """A 400 saying the deployment takes no such response_format (its `param`, or its message, names it)."""
+    if not (isinstance(body, Mapping) and isinstance(body.get("error"), Mapping)):
+        return False
+    error = body["error"]
+    return error.get("param") == "response_format" or "response_format" in str(error.get("message") or "")
 
 
 def error_code(body: object) -> str | None:
@@ -241,6 +259,10 @@ class Client:
                 and isinstance(reply.body, Mapping)
             ):
                 return Delivery(reply.status, reply.body, attempt)
+            if reply is not None and verdict.action == "unsupported":
+                raise ConfigError(
+                    f"request.response_format: the endpoint does not take it with this deployment: {tried.reason}"
+                )
             if reply is not None and verdict.action == "abort":
                 raise RunAborted(self._abort_message(reply), http_status=reply.status)
             if reply is not None and verdict.action == "fail":

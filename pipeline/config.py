@@ -41,6 +41,10 @@ class RequestConfig:
     detail: Literal["low", "high", "auto"] = "auto"
     max_tokens: int = 300
     temperature: float = 0.0
+    response_format: Literal["text", "json_object", "json_schema"] = "text"  # structured.py
+    schema: str = ""  # json_schema: a JSON Schema file, relative to this config's folder
+    schema_name: str = "caption"  # json_schema: the schema's name in the request
+    strict: bool = True  # json_schema: the service enforces the schema (only its strict subset is allowed)
 
 
 @dataclass(frozen=True, slots=True)

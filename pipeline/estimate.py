@@ -58,6 +58,7 @@ from pipeline.remote import open_session, probe_image
 from pipeline.request import plan_request
 from pipeline.sink import ESTIMATE_ROWS_SCHEMA, ParquetFileWriter, read_output, rows_to_table
 from pipeline.sniff import measure_image
+from pipeline.structured import Structured, load_structured
 
 CHUNK_ROWS = 2048  # rows read, sized and tallied together: memory stays flat whatever the manifest's size
 SIZING_THREADS = 4  # header reads are mostly Python under the GIL; threads pay off on slow or network disks
@@ -99,12 +100,17 @@ def failed_row(err: RowError, *, line: int, detail: Detail | None = None, images
     return RowEstimate(err.row_id, line, detail, images, error=str(err), error_kind=str(err.kind))
 
 
-def estimate_row(task: ImageTask, sized: Sequence[ImageSize] | RowError, cfg: RunConfig) -> RowEstimate:
+def estimate_row(
+    task: ImageTask,
+    sized: Sequence[ImageSize] | RowError,
+    cfg: RunConfig,
+    structured: Structured | None = None,
+) -> RowEstimate:
     """One row's prompt tokens, counted by the run's own request plan, or the error the run would commit."""
     if isinstance(sized, RowError):
         return failed_row(sized, line=task.line, detail=task.detail, images=len(task.images))
     images = [_stand_in(ref, image) for ref, image in zip(task.images, sized, strict=True)]
-    plan = plan_request(task, images, cfg)
+    plan = plan_request(task, images, cfg, structured)
     because = tuple(image.unsized_because or NOT_PROBED for image in sized if image.size is None)
     row = RowEstimate(
         task.row_id, task.line, task.detail, len(sized), plan.estimated_prompt_tokens, unsized_because=because
@@ -130,6 +136,7 @@ async def estimate(cfg: RunConfig, options: EstimateOptions) -> Estimate:
     observed output; OSError when the per-row file cannot be written.
     """
     price = await asyncio.to_thread(price_for_run, cfg)
+    structured = await asyncio.to_thread(load_structured, cfg)
     observed = await asyncio.to_thread(read_observed, options.observed) if options.observed else None
     billed = observed.billed if observed else None
     expected, _ = expected_completion_tokens(cfg.request.max_tokens, observed)
@@ -147,7 +154,7 @@ async def estimate(cfg: RunConfig, options: EstimateOptions) -> Estimate:
             tasks = [item for item in fresh if isinstance(item, ImageTask)]
             sized = dict(zip([task.row_id for task in tasks], await sizer.size(tasks), strict=True))
             rows = [
-                estimate_row(item, sized[item.row_id], cfg)
+                estimate_row(item, sized[item.row_id], cfg, structured)
                 if isinstance(item, ImageTask)
                 else failed_row(item, line=item.line)
                 for item in fresh

@@ -2,8 +2,10 @@
 killed before its part was committed leaves its answers for the next run to commit, not to buy again.
 
 Layout: ``OUTPUT/_journal/<run_id>-<segment>.jsonl``, one JSON object per line, each the output row as
-``sink.result_to_row`` makes it (no key, and image references with data URLs shortened). Dataset
-readers skip the folder (its name starts with ``_``).
+``sink.result_to_row`` makes it (no key, and image references with data URLs shortened). A run with a
+structured answer format starts each segment with a line ``{"run_id", "typed_columns"}`` holding the
+Arrow types of its columns (base64 of the serialized schema), so recovered rows keep their types.
+Dataset readers skip the folder (its name starts with ``_``).
 
 - **Writing.** ``Journal.append`` hands each line to the kernel with one ``os.write`` on a file opened for
   appending, before the row is buffered: a SIGKILL after that loses nothing. For power loss the segment
@@ -20,14 +22,16 @@ readers skip the folder (its name starts with ``_``).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.sink import fsync_dir, part_files, read_output, rows_to_table, schema_with_extras, write_part
@@ -50,9 +54,13 @@ class Recovered:
 class Journal:
     """The journal of one run: append rows, rotate segments as parts are written, drop what is committed."""
 
-    def __init__(self, output: Path, run_id: str) -> None:
+    def __init__(self, output: Path, run_id: str, typed_columns: Sequence[pa.Field] = ()) -> None:
         self.folder = output / JOURNAL_DIR
         self.run_id = run_id
+        self._header: dict[str, str] | None = None
+        if typed_columns:
+            encoded = base64.b64encode(pa.schema(list(typed_columns)).serialize().to_pybytes()).decode()
+            self._header = {"run_id": run_id, "typed_columns": encoded}
         self._segment = 0
         self._fd: int | None = None
         self._rows_written = 0  # rows appended by this run
@@ -118,13 +126,22 @@ class Journal:
             fsync_dir(self.folder.parent)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         fsync_dir(self.folder)  # the new segment's name survives a crash
+        if self._header is not None:
+            os.write(self._fd, (json.dumps(self._header) + "\n").encode())
 
 
 def pending_rows(output: Path) -> tuple[list[dict[str, Any]], int]:
     """The journalled rows that no committed part holds for the same run, and the torn lines skipped. Blocking."""
+    rows, _, torn = _pending(output)
+    return rows, torn
+
+
+def _pending(output: Path) -> tuple[list[dict[str, Any]], dict[str, list[pa.Field]], int]:
+    """What pending_rows says, and the typed columns of each run that has some."""
     segments = sorted((output / JOURNAL_DIR).glob("*.jsonl"))
+    typed: dict[str, list[pa.Field]] = {}
     if not segments:
-        return [], 0
+        return [], typed, 0
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     torn = 0
     for segment in segments:
@@ -134,6 +151,10 @@ def pending_rows(output: Path) -> tuple[list[dict[str, Any]], int]:
                 if record is None:
                     torn += 1
                     continue
+                if "typed_columns" in record:
+                    schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(record["typed_columns"])))
+                    typed[str(record["run_id"])] = list(schema)
+                    continue
                 rows[(str(record["id"]), str(record["run_id"]))] = record
     if rows and part_files(output):
         done = read_output(output, ["id", "run_id"])
@@ -141,7 +162,7 @@ def pending_rows(output: Path) -> tuple[list[dict[str, Any]], int]:
             zip(done.column("id").to_pylist(), pc.fill_null(done.column("run_id"), "").to_pylist())
         )
         rows = {key: row for key, row in rows.items() if key not in committed}
-    return list(rows.values()), torn
+    return list(rows.values()), typed, torn
 
 
 def recover(output: Path) -> Recovered:
@@ -150,7 +171,7 @@ def recover(output: Path) -> Recovered:
     Each run's rows go into a part named after that run (``part-<run_id>-j00001.parquet``), so they sort
     with the parts it did commit.
     """
-    rows, torn = pending_rows(output)
+    rows, typed, torn = _pending(output)
     if torn:
         log.warning(
             "journal: %d record(s) cut short by the kill are skipped; their rows will be sent again", torn
@@ -161,7 +182,9 @@ def recover(output: Path) -> Recovered:
     for run_id, run_rows in sorted(by_run.items()):
         extras = dict.fromkeys(key for row in run_rows for key in row)
         write_part(
-            output, _recovery_part_name(output, run_id), rows_to_table(run_rows, schema_with_extras(extras))
+            output,
+            _recovery_part_name(output, run_id),
+            rows_to_table(run_rows, schema_with_extras(extras, typed.get(run_id, ()))),
         )
         log.info(
             "committed %d rows that run %s had been answered for, from its journal", len(run_rows), run_id
@@ -188,7 +211,10 @@ def _parse(line: bytes) -> dict[str, Any] | None:
         record = json.loads(line)
     except ValueError:
         return None
-    return record if isinstance(record, dict) and "id" in record and "run_id" in record else None
+    is_record = (
+        isinstance(record, dict) and "run_id" in record and ("id" in record or "typed_columns" in record)
+    )
+    return record if is_record else None
 
 
 def _sync_and_close(fd: int) -> None:

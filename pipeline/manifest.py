@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Container, Iterator, Mapping
@@ -407,3 +408,34 @@ def _json_type(value: object) -> str:
         type(None): "null",
     }
     return names.get(type(value), type(value).__name__)
+
+
+JSONL_COLUMN_SAMPLE_ROWS = 1000  # a JSONL manifest's columns are the keys of its first objects
+
+
+def manifest_columns(path: Path) -> frozenset[str]:
+    """The columns a manifest's rows carry, read from its head only: a CSV's header, a Parquet file's
+    fields, the keys of a JSONL file's first JSONL_COLUMN_SAMPLE_ROWS objects; none for a folder. Blocking.
+    Raises ConfigError as ``read_manifest`` does."""
+    kind = _manifest_kind(path)
+    if kind == "folder":
+        return frozenset()
+    if kind == "parquet":
+        with _open_parquet(path) as parquet:
+            return frozenset(parquet.schema_arrow.names)
+    if kind == "csv":
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            try:
+                return frozenset(name.strip() for name in next(csv.reader(f), []))
+            except (UnicodeDecodeError, csv.Error) as err:
+                raise ConfigError(f"{path}: header row unreadable: {err}") from None
+    names: set[str] = set()
+    with open(path, "rb") as f:
+        for raw in itertools.islice(f, JSONL_COLUMN_SAMPLE_ROWS):
+            try:
+                row = json.loads(raw)
+            except ValueError:
+                continue  # a bad row is reported as such when the run reads it
+            if isinstance(row, dict):
+                names.update(row)
+    return frozenset(names)

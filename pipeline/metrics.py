@@ -27,7 +27,8 @@ def render_textfile(progress: RunProgress) -> str:
     metrics: list[tuple[str, str, str, list[tuple[str, float]]]] = [
         (
             "rows_total", "counter", "Rows finished by this run, by status.",
-            [('status="ok"', progress.ok), ('status="filtered"', progress.filtered), ('status="error"', progress.error)],
+            [('status="ok"', progress.ok), ('status="filtered"', progress.filtered), ('status="error"', progress.error),
+             ('status="refused"', progress.refused), ('status="invalid_output"', progress.invalid_output)],
         ),
         (
             "tokens_total", "counter", "Tokens billed to this run, by kind.",

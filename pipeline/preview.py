@@ -26,6 +26,7 @@ from pipeline.manifest import Skipped, manifest_base_dir, read_manifest
 from pipeline.records import ManifestError, RowError
 from pipeline.refs import shorten_url
 from pipeline.request import RequestPlan, plan_request
+from pipeline.structured import load_structured
 
 BATCH_ROWS = 256  # manifest rows read per thread hop
 EMULATOR_URL = "(the in-process emulator, on a loopback port chosen when the run starts)"
@@ -92,6 +93,7 @@ async def preview_first_request(
     when the manifest cannot be read.
     """
     environ = os.environ if environ is None else environ
+    structured = load_structured(cfg)
     skip = await asyncio.to_thread(_skipped_ids, output, retry_failed)
     base_dir = manifest_base_dir(manifest)
     committed = failing = 0
@@ -111,7 +113,8 @@ async def preview_first_request(
                 try:
                     if isinstance(item, ManifestError):
                         raise item
-                    plan = plan_request(item, await prepare_images(item, base_dir, cfg, pool), cfg)
+                    images = await prepare_images(item, base_dir, cfg, pool)
+                    plan = plan_request(item, images, cfg, structured)
                     if plan.refusal is not None:
                         raise plan.refusal
                 except RowError as err:

@@ -108,7 +108,7 @@ def progress_lines(progress: RunProgress, pace: Pace) -> tuple[str, str]:
         spend = f"${progress.spend_usd:.4f} of ${progress.max_cost_usd:.2f} cap"
     second = (
         f"tokens {quota} · 429s {progress.http_429s} (paused {progress.paused_s:.1f} s{paused}) · "
-        f"errors {progress.error} · retries {progress.retries} · spend {spend} · {duration_text(progress.elapsed_s)}"
+        f"errors {progress.failed} · retries {progress.retries} · spend {spend} · {duration_text(progress.elapsed_s)}"
     )
     return first, second
 

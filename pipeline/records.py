@@ -11,7 +11,10 @@ from enum import StrEnum
 from typing import Any, Literal
 
 Detail = Literal["low", "high", "auto"]
-Status = Literal["ok", "filtered", "error"]
+Status = Literal["ok", "filtered", "error", "refused", "invalid_output"]
+STATUSES: tuple[Status, ...] = ("ok", "filtered", "error", "refused", "invalid_output")
+TEXT_STATUSES: tuple[Status, ...] = ("ok", "filtered", "error")  # always counted; the others when they occur
+FAILED_STATUSES: tuple[Status, ...] = ("error", "refused", "invalid_output")  # exit 1; --retry-failed
 JsonObject = Mapping[str, Any]
 
 DETAILS: tuple[Detail, ...] = ("low", "high", "auto")
@@ -122,6 +125,7 @@ class VisionResult:
     http_status: int | None = None
     error: str | None = None
     error_kind: ErrorKind | None = None  # set on every error row
+    fields: Mapping[str, Any] | None = None  # structured answers: the schema's columns (structured.py)
     response_extra: str | None = None  # JSON of what the response held that no column models
 
 
@@ -168,12 +172,19 @@ class RunProgress:
     paused_s: float
     is_paused: bool
     tokens_per_minute: int  # the budget, limits.tokens_per_minute
+    refused: int = 0  # structured answers the model declined
+    invalid_output: int = 0  # structured answers that are not JSON, not valid, or cut at max_tokens
     spend_usd: float | None = None  # what the run's requests cost so far, as the spend cap counts it
     max_cost_usd: float | None = None  # the spend cap, when one is set
 
     @property
     def rows_done(self) -> int:
-        return self.ok + self.filtered + self.error
+        return self.ok + self.filtered + self.error + self.refused + self.invalid_output
+
+    @property
+    def failed(self) -> int:
+        """Rows that count as failures: error, refused, invalid_output."""
+        return self.error + self.refused + self.invalid_output
 
 
 # Errors. Row errors fail one row, which is committed with status "error"; run errors end the run.

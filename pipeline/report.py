@@ -246,6 +246,11 @@ def _summary(status: OutputStatus) -> str:
         _figure("ok", f"{counts['ok']:,}", "rows-ok", "ok"),
         _figure("filtered", f"{counts['filtered']:,}", "rows-filtered", "filtered"),
         _figure("error", f"{counts['error']:,}", "rows-error", "error"),
+        *(
+            _figure(name.replace("_", " "), f"{counts[name]:,}", f"rows-{name}", "error")
+            for name in ("refused", "invalid_output")
+            if counts.get(name)
+        ),
         _figure("prompt tokens", f"{status.prompt_tokens:,}", "prompt-tokens"),
         _figure("completion tokens", f"{status.completion_tokens:,}", "completion-tokens"),
         _figure("cost", _money(status.cost_usd), "cost-usd"),

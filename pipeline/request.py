@@ -27,6 +27,7 @@ from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.records import ErrorKind, ImageTask, PreparedImage, RowError
+from pipeline.structured import Structured
 from pipeline.tokens import count_prompt_tokens, model_family
 
 MAX_IMAGES_PER_REQUEST = 10  # reference: "a limit of 10 images per chat request"
@@ -56,8 +57,11 @@ def sends_model_in_body(provider: str) -> bool:
     return provider == "openai"
 
 
-def build_body(task: ImageTask, images: Sequence[PreparedImage], cfg: RunConfig) -> dict[str, Any]:
-    """The chat-completions body for one row: system prompt, the row's prompt, its images, max_tokens.
+def build_body(
+    task: ImageTask, images: Sequence[PreparedImage], cfg: RunConfig, structured: Structured | None = None
+) -> dict[str, Any]:
+    """The chat-completions body for one row: system prompt, the row's prompt, its images, max_tokens,
+    and the answer's format when it is structured.
 
     The model goes into the body for OpenAI-style routes only; Azure names the deployment in the URL.
     """
@@ -76,14 +80,21 @@ def build_body(task: ImageTask, images: Sequence[PreparedImage], cfg: RunConfig)
         "max_tokens": request.max_tokens,
         "temperature": request.temperature,
     }
+    if structured is not None:
+        body["response_format"] = structured.body_format()
     if sends_model_in_body(cfg.endpoint.provider):
         body["model"] = cfg.endpoint.model
     return body
 
 
-def plan_request(task: ImageTask, images: Sequence[PreparedImage], cfg: RunConfig) -> RequestPlan:
-    """The exact request for `task` with its prepared `images`, its token counts, and any refusal."""
-    body = build_body(task, images, cfg)
+def plan_request(
+    task: ImageTask, images: Sequence[PreparedImage], cfg: RunConfig, structured: Structured | None = None
+) -> RequestPlan:
+    """The exact request for `task` with its prepared `images`, its token counts, and any refusal.
+
+    A structured format's schema is not counted in the prompt: no source says whether or how the service
+    bills it (README, "Structured captions")."""
+    body = build_body(task, images, cfg, structured)
     messages, model, max_tokens = body["messages"], cfg.endpoint.model, cfg.request.max_tokens
     billed_sizes = [_size(image) for image in images]
     estimated = count_prompt_tokens(messages, billed_sizes, model)

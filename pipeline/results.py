@@ -36,15 +36,17 @@ from pipeline.records import (
     ImageTask,
     ManifestError,
     RowError,
+    Status,
     Usage,
     VisionResult,
 )
+from pipeline.structured import Structured, column_values
 
 # What the columns already hold; anything else in a response goes to response_extra.
 _MODELLED_TOP = frozenset({"id", "object", "created", "model", "choices", "usage", "prompt_filter_results",
                            "prompt_annotations"})  # fmt: skip
 _MODELLED_CHOICE = frozenset({"index", "message", "finish_reason", "content_filter_results"})
-_MODELLED_MESSAGE = frozenset({"role", "content"})
+_MODELLED_MESSAGE = frozenset({"role", "content", "refusal"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +61,7 @@ class Answer:
     prompt_filter: FilterResult | None
     completion_filter: FilterResult | None
     extra: str | None = None  # JSON of the fields no column models
+    refusal: str | None = None  # structured outputs: the model declined, saying why
 
 
 def parse_answer(body: Mapping[str, Any]) -> Answer:
@@ -83,6 +86,7 @@ def parse_answer(body: Mapping[str, Any]) -> Answer:
         else None,
         completion_filter=parse_filter(choice.get("content_filter_results")),
         extra=_extra_json(body, choice, message),
+        refusal=message.get("refusal") or None,
     )
 
 
@@ -140,17 +144,39 @@ def _extra_json(body: Mapping[str, Any], choice: Mapping[str, Any], message: Map
 
 
 def answered_result(
-    task: ImageTask, delivery: Delivery, cfg: RunConfig, estimated: int, price: Price | None
+    task: ImageTask,
+    delivery: Delivery,
+    cfg: RunConfig,
+    estimated: int,
+    price: Price | None,
+    structured: Structured | None = None,
 ) -> VisionResult:
-    """The result of a row the service answered: ok, or filtered (its prompt or its completion)."""
+    """The result of a row the service answered: ok, or filtered (its prompt or its completion); with a
+    structured format also refused (the model declined) or invalid_output (not JSON, not valid against
+    the schema, or cut at max_tokens), the raw text kept either way. None of these is retried: each
+    retry would be paid for."""
     answer = parse_answer(delivery.body)
     is_filtered = delivery.http_status == 400 or answer.finish_reason == "content_filter"
+    status: Status = "filtered" if is_filtered else "ok"
+    description, error, fields = answer.description, None, None
+    if structured is not None and not is_filtered:
+        if answer.refusal is not None:
+            status, description = "refused", answer.refusal
+        else:
+            problem, value = structured.problem(answer.description, answer.finish_reason)
+            if problem:
+                status, error = (
+                    "invalid_output",
+                    f"row {task.row_id!r}: {structured.response_format}: {problem}",
+                )
+            elif value is not None:
+                fields = column_values(structured, value)
     return VisionResult(
         task=task,
-        status="filtered" if is_filtered else "ok",
+        status=status,
         model=answer.model or cfg.endpoint.model,
         estimated_prompt_tokens=estimated,
-        description=answer.description,
+        description=description,
         finish_reason=answer.finish_reason,
         response_id=answer.response_id,
         usage=answer.usage,
@@ -159,7 +185,9 @@ def answered_result(
         completion_filter=answer.completion_filter,
         attempts=delivery.attempts,
         http_status=delivery.http_status,
+        error=error,
         response_extra=answer.extra,
+        fields=fields,
     )
 
 

@@ -41,11 +41,14 @@ from pipeline.exits import (
 from pipeline.images import image_threads, reuse_freed_image_memory
 from pipeline.journal import JOURNAL_DIR, Journal, Recovered, recover
 from pipeline.limits import Limits
-from pipeline.manifest import Skipped, count_rows, manifest_base_dir, read_manifest
+from pipeline.manifest import Skipped, count_rows, manifest_base_dir, manifest_columns, read_manifest
 from pipeline.metrics import publish_metrics
 from pipeline.pricing import Price, price_for_run
 from pipeline.progress import show_progress
 from pipeline.records import (
+    FAILED_STATUSES,
+    STATUSES,
+    TEXT_STATUSES,
     BudgetReached,
     ConfigError,
     ImageTask,
@@ -57,6 +60,7 @@ from pipeline.records import (
 )
 from pipeline.results import manifest_failure
 from pipeline.sink import STATS_FILE, Sink, write_json_atomic
+from pipeline.structured import Structured, check_manifest_columns, load_structured
 from pipeline.summary import RunSummary, Tally, latency_percentiles, summary_as_dict
 
 log = logging.getLogger(__name__)
@@ -83,15 +87,18 @@ async def run(cfg: RunConfig, options: RunOptions) -> RunSummary:
     Raises ConfigError for bad settings, before anything is sent, and OSError when the output cannot be
     written. Every other way a run ends is in the summary's exit_code and stopped_because.
     """
+    structured = load_structured(cfg)  # a schema or a format the service would refuse stops us here
+    if structured is not None:
+        check_manifest_columns(structured, manifest_columns(options.manifest), cfg.source)
     key = api_key(cfg)  # a missing key stops us before the output is touched
     # a spend cap needs a price: without one the run stops here, naming the file to edit
     price = price_for_run(cfg) if cfg.limits.max_cost_usd is not None else _price_or_none(cfg)
     with checkpoint.output_lock(options.output):
-        return await _run_locked(cfg, options, key, price)
+        return await _run_locked(cfg, options, key, price, structured)
 
 
 async def _run_locked(
-    cfg: RunConfig, options: RunOptions, key: str | None, price: Price | None
+    cfg: RunConfig, options: RunOptions, key: str | None, price: Price | None, structured: Structured | None
 ) -> RunSummary:
     loop = asyncio.get_running_loop()
     started_at, started = time.time(), loop.time()
@@ -107,6 +114,7 @@ async def _run_locked(
             started_at,
             retry_failed=options.retry_failed,
             new_run=options.new_run,
+            answer_format=None if structured is None else structured.fingerprint,
         )
     )
     run_id = resume.run_id
@@ -134,9 +142,12 @@ async def _run_locked(
         image_pool = ThreadPoolExecutor(image_threads(cfg.images), thread_name_prefix="images")
         stack.callback(image_pool.shutdown, wait=True, cancel_futures=True)
         base_dir = manifest_base_dir(options.manifest)
-        captioner = Captioner(cfg, client, base_dir=base_dir, image_pool=image_pool, price=price)
-        journal = Journal(options.output, run_id)
-        sink = Sink(options.output, cfg.output, run_id, journal=journal)
+        captioner = Captioner(
+            cfg, client, base_dir=base_dir, image_pool=image_pool, price=price, structured=structured
+        )
+        typed = () if structured is None else structured.columns
+        journal = Journal(options.output, run_id, typed)
+        sink = Sink(options.output, cfg.output, run_id, journal=journal, typed_columns=typed)
         stages = _Stages(cfg, options, captioner, budget, sink, resume.skip)
         try:
             await stages.run()
@@ -162,7 +173,7 @@ async def _run_locked(
     summary = RunSummary(
         output=options.output,
         run_id=run_id,
-        counts={status: tally.counts.get(status, 0) for status in ("ok", "filtered", "error")},
+        counts={s: tally.counts[s] for s in STATUSES if s in TEXT_STATUSES or tally.counts[s]},
         skipped=tally.skipped,
         duplicates=tally.duplicates,
         prompt_tokens=tally.prompt_tokens,
@@ -267,7 +278,8 @@ class _Stages:
     def exit_code(self) -> int:
         if self.stop_code is not None:
             return self.stop_code
-        return EXIT_ROW_ERRORS if self.tally.counts["error"] else EXIT_OK
+        is_failed = any(self.tally.counts[status] for status in FAILED_STATUSES)
+        return EXIT_ROW_ERRORS if is_failed else EXIT_OK
 
     def on_budget_reached(self) -> None:
         """The spend cap has no room for the next row: read and send nothing more; what is on the wire
@@ -386,6 +398,8 @@ class _Stages:
             ok=tally.counts["ok"],
             filtered=tally.counts["filtered"],
             error=tally.counts["error"],
+            refused=tally.counts["refused"],
+            invalid_output=tally.counts["invalid_output"],
             prompt_tokens=tally.prompt_tokens,
             completion_tokens=tally.completion_tokens,
             cost_usd=round(tally.cost_usd, 6) if self.captioner.price else None,

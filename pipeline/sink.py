@@ -137,17 +137,20 @@ def result_to_row(result: VisionResult, run_id: str) -> dict[str, Any]:
         "response_extra": result.response_extra,
         "run_id": run_id,
     }
+    if result.fields is not None:  # a structured answer's columns (structured.py); checked not to collide
+        row.update(result.fields)
     for name, value in task.extra.items():
-        if name not in BASE_COLUMNS:  # a manifest column never shadows one of ours
+        if name not in BASE_COLUMNS and name not in row:  # a manifest column never shadows one of ours
             row[name] = value
     return row
 
 
-def schema_with_extras(extra_columns: Iterable[str]) -> pa.Schema:
-    """The output schema: ours, then the manifest's extra columns as strings."""
-    schema = SCHEMA
+def schema_with_extras(extra_columns: Iterable[str], typed: Sequence[pa.Field] = ()) -> pa.Schema:
+    """The output schema: ours, a structured answer's `typed` columns, then the manifest's extra columns
+    as strings."""
+    schema = pa.schema([*SCHEMA, *typed])
     for name in extra_columns:
-        if name not in BASE_COLUMNS:
+        if schema.get_field_index(name) < 0:
             schema = schema.append(pa.field(name, pa.string()))
     return schema
 
@@ -293,9 +296,11 @@ class Sink:
         run_id: str,
         extra_columns: Sequence[str] = (),
         journal: Journal | None = None,
+        typed_columns: Sequence[pa.Field] = (),
     ) -> None:
         self.output = output
         self.journal = journal  # each row is journalled before it is buffered (journal.py)
+        self.typed_columns = tuple(typed_columns)  # a structured answer's columns (structured.py)
         self._cfg = cfg
         self._run_id = run_id
         self._extra: dict[str, None] = dict.fromkeys(extra_columns)  # ordered set
@@ -337,7 +342,7 @@ class Sink:
                 left -= len(rows)
                 self._sequence += 1
                 name = f"part-{self._run_id}-{self._sequence:05d}.parquet"
-                schema = schema_with_extras(self._extra)
+                schema = schema_with_extras(self._extra, self.typed_columns)
                 is_committed = False
                 try:
                     await _finish_in_thread(_commit_rows, self.output, name, rows, schema)

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.journal import pending_rows
-from pipeline.records import ConfigError
+from pipeline.records import FAILED_STATUSES, STATUSES, TEXT_STATUSES, ConfigError
 from pipeline.sink import RUN_FILE, STATS_FILE, part_files, read_output
 
 STATUS_COLUMNS = ("id", "status", "prompt_tokens", "completion_tokens", "cost_usd", "error", "finished_at")
@@ -47,10 +47,11 @@ class OutputStatus:
 def summarize(output: str, table: pa.Table, last_run: dict[str, Any] | None) -> OutputStatus:
     """The status of an output from its committed rows. Pure."""
     statuses = table.column("status").to_pylist()
-    by_status = {s: statuses.count(s) for s in ("ok", "filtered", "error")}
-    failed_table = table.filter(pc.equal(table.column("status"), "error")).sort_by("id")
+    by_status: dict[str, int] = {s: n for s in STATUSES if (n := statuses.count(s)) or s in TEXT_STATUSES}
+    failed_table = table.filter(pc.is_in(table.column("status"), pa.array(FAILED_STATUSES))).sort_by("id")
     failed = [
-        FailedRow(row["id"], row["error"]) for row in failed_table.slice(0, MAX_FAILED_LISTED).to_pylist()
+        FailedRow(row["id"], row["error"] or row["status"])
+        for row in failed_table.slice(0, MAX_FAILED_LISTED).to_pylist()
     ]
     finished = pc.max(table.column("finished_at")).as_py() if table.num_rows else None
     return OutputStatus(
@@ -83,7 +84,9 @@ def format_status(status: OutputStatus) -> str:
     counts = status.by_status
     lines = [
         f"output: {status.output}",
-        f"rows: {status.rows} ({counts['ok']} ok, {counts['filtered']} filtered, {counts['error']} error)",
+        f"rows: {status.rows} ({counts['ok']} ok, {counts['filtered']} filtered, {counts['error']} error"
+        + "".join(f", {counts[s]} {s}" for s in ("refused", "invalid_output") if counts.get(s))
+        + ")",
         f"tokens: {status.prompt_tokens} prompt + {status.completion_tokens} completion; cost ${status.cost_usd:.4f}",
         f"last row finished: {status.last_finished_at or 'never'}",
     ]

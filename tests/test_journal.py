@@ -7,10 +7,13 @@ import json
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 from conftest import KEY_ENV, TEST_KEY, azure_config, make_image, write_csv
 
+from pipeline.config import EmulatorConfig
 from pipeline.emulator import Emulator, Fault
 from pipeline.exits import EXIT_OK
 from pipeline.journal import JOURNAL_DIR, Journal, pending_rows, recover
@@ -19,6 +22,7 @@ from pipeline.sink import part_files, read_output
 from pipeline.status import format_status, read_status
 
 ANSWERED = 12
+ROWS = 40  # more than are answered before the kill, whatever the machine's speed
 WAIT_LIMIT_S = 60.0
 
 
@@ -45,10 +49,10 @@ async def kill_after_answers(tmp_path: Path, emulator: Emulator) -> tuple[Path, 
     """Run the CLI until at least ANSWERED rows are answered and one more is on the wire, then SIGKILL it.
 
     Returns the manifest and how many rows were answered (paid for) before the kill."""
-    for i in range(ANSWERED + 3):
+    for i in range(ROWS):
         make_image(tmp_path / f"img{i}.png", (40 + i, 30))
     manifest = write_csv(
-        tmp_path / "m.csv", [{"id": f"r{i:02d}", "image": f"img{i}.png"} for i in range(ANSWERED + 3)]
+        tmp_path / "m.csv", [{"id": f"r{i:02d}", "image": f"img{i}.png"} for i in range(ROWS)]
     )
     hang = Fault(status=500, delay_s=WAIT_LIMIT_S)  # the row on the wire when the kill comes
 
@@ -67,9 +71,17 @@ async def kill_after_answers(tmp_path: Path, emulator: Emulator) -> tuple[Path, 
     return manifest, emulator.stats.by_status[200]
 
 
+@pytest.fixture
+async def slow_emulator() -> AsyncIterator[Emulator]:
+    """50 ms an answer: the run is still going when the test has counted ANSWERED answers."""
+    async with Emulator(EmulatorConfig(latency_s=0.05), api_key=TEST_KEY, deployment="vision") as emulator:
+        yield emulator
+
+
 async def test_a_kill_after_answers_arrived_resends_none_of_them_and_commits_each_row_once(
-    tmp_path, emulator, key_in_env
+    tmp_path, slow_emulator, key_in_env
 ):
+    emulator = slow_emulator
     manifest, answered = await kill_after_answers(tmp_path, emulator)
     sent_before = emulator.stats.requests
     assert not part_files(tmp_path / "out")  # nothing was committed in a part before the kill
@@ -80,13 +92,13 @@ async def test_a_kill_after_answers_arrived_resends_none_of_them_and_commits_eac
     resent = emulator.stats.requests - sent_before
     assert summary.exit_code == EXIT_OK and summary.recovered_rows == answered
     assert summary.recovered_cost_usd > 0
-    assert resent == ANSWERED + 3 - answered  # the row on the wire and those never sent; no answered one
-    assert sorted(ids) == [f"r{i:02d}" for i in range(ANSWERED + 3)]
+    assert resent == ROWS - answered  # the row on the wire and those never sent; no answered one
+    assert sorted(ids) == [f"r{i:02d}" for i in range(ROWS)]
     assert not (tmp_path / "out" / JOURNAL_DIR).exists()
 
 
-async def test_status_shows_the_rows_a_killed_run_journalled(tmp_path, emulator):
-    _, answered = await kill_after_answers(tmp_path, emulator)
+async def test_status_shows_the_rows_a_killed_run_journalled(tmp_path, slow_emulator):
+    _, answered = await kill_after_answers(tmp_path, slow_emulator)
 
     status = read_status(tmp_path / "out")
 

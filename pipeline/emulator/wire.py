@@ -29,6 +29,12 @@ from pipeline.records import DETAILS, FILTER_CATEGORIES
 FILTER_MARKER = "[[filter]]"  # a prompt holding it is refused: HTTP 400, error.code "content_filter"
 COMPLETION_FILTER_MARKER = "[[filter-completion]]"  # 200 with finish_reason "content_filter", no content
 FINISH_OBJECT_MARKER = "[[finish-object]]"  # finish_reason as an object, as some Azure deployments send it
+# Structured answers (response_format json_object or json_schema):
+REFUSE_MARKER = "[[refuse]]"  # the model declines: message.refusal, no content
+TRUNCATE_MARKER = "[[truncate]]"  # the JSON is cut before its end: finish_reason "length"
+BREAK_SCHEMA_MARKER = "[[break-schema]]"  # JSON that does not hold to the schema (as a non-strict call may)
+# Azure's GPT-4 Turbo with Vision "does not support JSON mode or function calling with image input" (reference)
+NO_JSON_WITH_IMAGES = ("gpt-4-turbo", "gpt-4-vision")
 
 MAX_IMAGES_PER_REQUEST = 10  # reference: "a limit of 10 images per chat request"
 DEFAULT_MAX_TOKENS = 16  # reference: without max_tokens "the return output will be cut off"
@@ -58,6 +64,7 @@ class Prompt:
     prompt_tokens: int
     max_tokens: int
     seed: int  # from the prompt text and image URLs: the same request gets the same description
+    response_format: dict[str, Any] | None = None  # json_object or json_schema; None for text
 
 
 class Invalid(Exception):
@@ -154,6 +161,7 @@ def inspect_body(body: object, default_model: str | None) -> Prompt:
     max_tokens = body.get("max_tokens", DEFAULT_MAX_TOKENS)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise Invalid(f"Invalid max_tokens {max_tokens!r}: must be an integer of at least 1.", "max_tokens")
+    response_format = _response_format(body, model, has_images=bool(images))
     sizes = tuple(_image_size(url, param) for url, param in images)
     try:
         prompt_tokens = tokens.count_prompt_tokens(messages, sizes, model)
@@ -163,7 +171,35 @@ def inspect_body(body: object, default_model: str | None) -> Prompt:
     digest = hashlib.sha256(text.encode())
     for url, _ in images:
         digest.update(url.encode())
-    return Prompt(model, text, sizes, prompt_tokens, max_tokens, int.from_bytes(digest.digest()[:8], "big"))
+    seed = int.from_bytes(digest.digest()[:8], "big")
+    return Prompt(model, text, sizes, prompt_tokens, max_tokens, seed, response_format)
+
+
+def _response_format(body: dict[str, Any], model: str, *, has_images: bool) -> dict[str, Any] | None:
+    """The request's response_format, checked as the services check it; None for plain text."""
+    value = body.get("response_format")
+    if value is None or value == {"type": "text"}:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind not in ("json_object", "json_schema"):
+        raise Invalid(
+            "Invalid value for 'response_format.type': use text, json_object or json_schema.",
+            "response_format",
+        )
+    if has_images and model.lower().startswith(NO_JSON_WITH_IMAGES):
+        raise Invalid(f"Invalid parameter: 'response_format' of type '{kind}' is not supported with this model.",
+                      "response_format")  # fmt: skip
+    if kind == "json_object" and "json" not in json.dumps(body.get("messages")).lower():
+        raise Invalid("'messages' must contain the word 'json' in some form, to use 'response_format' of type "
+                      "'json_object'.", "messages")  # fmt: skip
+    spec = value.get("json_schema")
+    if kind == "json_schema" and not (
+        isinstance(spec, dict) and isinstance(spec.get("schema"), dict) and spec.get("name")
+    ):
+        raise Invalid("Missing required parameter: 'response_format.json_schema' with a name and a schema.",
+                      "response_format.json_schema", "missing_required_parameter")  # fmt: skip
+    checked: dict[str, Any] = value
+    return checked
 
 
 _SUBJECTS = (
@@ -220,9 +256,12 @@ def _encoding(name: str) -> Any:
 
 def completion_body(prompt: Prompt, response_id: str) -> dict[str, Any]:
     """The reference's 200 body, cut at max_tokens (finish_reason "length") as the service cuts it."""
-    content: str | None = _describe(prompt)
+    content: str | None = _describe(prompt) if prompt.response_format is None else _json_answer(prompt)
     completion_tokens = tokens.text_tokens(content or "", prompt.model)
     finish_reason: object = "stop"
+    if content is not None and prompt.response_format is not None and TRUNCATE_MARKER in prompt.prompt_text:
+        content = content[: len(content) // 2]
+        completion_tokens, finish_reason = tokens.text_tokens(content, prompt.model), "length"
     if completion_tokens > prompt.max_tokens:
         encoding = _encoding(tokens.model_family(prompt.model).encoding)
         content = encoding.decode(encoding.encode(content)[: prompt.max_tokens])
@@ -233,7 +272,14 @@ def completion_body(prompt: Prompt, response_id: str) -> dict[str, Any]:
         completion_filter["violence"] = {"filtered": True, "severity": "medium"}
     elif FINISH_OBJECT_MARKER in prompt.prompt_text and finish_reason == "stop":  # the reference's 2nd sample
         finish_reason = {"type": "stop", "stop": "<|fim_suffix|>"}
-    message = {"role": "assistant", "content": content}
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if prompt.response_format is not None and REFUSE_MARKER in prompt.prompt_text:
+        message = {
+            "role": "assistant",
+            "content": None,
+            "refusal": "I'm sorry, I can't help with that request.",
+        }
+        completion_tokens = tokens.text_tokens(message["refusal"], prompt.model)
     choice = {
         "index": 0,
         "finish_reason": finish_reason,
@@ -253,6 +299,61 @@ def completion_body(prompt: Prompt, response_id: str) -> dict[str, Any]:
             "total_tokens": prompt.prompt_tokens + completion_tokens,
         },
     }
+
+
+def _json_answer(prompt: Prompt) -> str:
+    """A JSON answer for a structured request: an object that holds to the request's schema (or, with
+    BREAK_SCHEMA_MARKER, one that does not), the same for the same request."""
+    rng = random.Random(prompt.seed)
+    words = _describe(prompt).rstrip(".").split()
+    spec = (prompt.response_format or {}).get("json_schema")
+    if spec is None:  # json_object: any object
+        value: Any = {"description": " ".join(words)}
+    else:
+        value = _sample(spec["schema"], spec["schema"], rng, words)
+    if BREAK_SCHEMA_MARKER in prompt.prompt_text:
+        value = {"unexpected": True} if spec is not None else ["not", "an", "object"]
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _sample(node: Any, root: dict[str, Any], rng: random.Random, words: list[str]) -> Any:
+    """A value of schema `node`: enums pick a member, strings take words of the description."""
+    if not isinstance(node, dict):
+        return None
+    if isinstance(node.get("$ref"), str) and node["$ref"].startswith("#/"):
+        target: Any = root
+        for part in node["$ref"][2:].split("/"):
+            target = target.get(part, {}) if isinstance(target, dict) else {}
+        return _sample(target, root, rng, words)
+    if "const" in node:
+        return node["const"]
+    if isinstance(node.get("enum"), list) and node["enum"]:
+        return node["enum"][rng.randrange(len(node["enum"]))]
+    if isinstance(node.get("anyOf"), list) and node["anyOf"]:
+        options = [o for o in node["anyOf"] if not (isinstance(o, dict) and o.get("type") == "null")]
+        return _sample((options or node["anyOf"])[0], root, rng, words)
+    kind = node.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object":
+        properties = node.get("properties") or {}
+        return {name: _sample(child, root, rng, words) for name, child in properties.items()}
+    if kind == "array":
+        low, high = int(node.get("minItems", 1)), int(node.get("maxItems", 3))
+        return [
+            _sample(node.get("items") or {}, root, rng, words)
+            for _ in range(rng.randint(low, max(low, high)))
+        ]
+    if kind == "integer":
+        return rng.randint(int(node.get("minimum", 0)), int(node.get("maximum", 9)))
+    if kind == "number":
+        return round(rng.uniform(float(node.get("minimum", 0)), float(node.get("maximum", 1))), 3)
+    if kind == "boolean":
+        return rng.random() < 0.5
+    if kind == "null":
+        return None
+    start = rng.randrange(max(1, len(words) - 6))
+    return " ".join(words[start : start + rng.randint(2, 6)])
 
 
 def error_body(code: str, message: str, **extra: object) -> dict[str, Any]:
