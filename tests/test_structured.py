@@ -209,3 +209,17 @@ def test_json_mode_needs_the_word_json_in_the_messages(tmp_path):
 
     with pytest.raises(ConfigError, match="word JSON"):
         load_structured(cfg)
+
+
+async def test_the_estimate_of_a_structured_run_is_what_the_emulator_bills(tmp_path, gpt4o, key_in_env):
+    """Neither counts the schema as prompt tokens (no source says the service does): they agree to the token."""
+    from pipeline.estimate import EstimateOptions, estimate
+
+    cfg = structured_config(gpt4o, tmp_path)
+    path = manifest(tmp_path, "", "Describe it as JSON, please.")
+
+    estimated = await estimate(cfg, EstimateOptions(path))
+    await run(cfg, RunOptions(path, tmp_path / "out", handle_signals=False))
+
+    billed = sum(row["prompt_tokens"] for row in read_output(tmp_path / "out").to_pylist())
+    assert estimated.tally.prompt_tokens == billed == gpt4o.stats.prompt_tokens
