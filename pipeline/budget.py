@@ -4,9 +4,10 @@ Before an attempt is sent it reserves its worst case: its estimated prompt token
 plus ``max_tokens`` at the output price. It starts only if what is spent, plus the reservations of every
 attempt in flight, plus its own worst case stay within the cap. When the answer comes the reservation is
 settled: to the bill (``usage``) when there is one; to nothing for an answer the services do not bill (a
-429, a 5xx, a 4xx other than the content filter); and kept whole when the cost cannot be known (a prompt
-the content filter refused carries no usage; a connection dropped or timed out after the request went out
-may have been billed). So ``spent_usd`` is never less than what the service bills.
+429, a 5xx, a 4xx other than the content filter); to the prompt alone for a prompt the content filter
+refused (it carries no usage, and no completion was made); and kept whole when the cost cannot be known
+(a connection dropped or timed out after the request went out may have been billed). So ``spent_usd`` is
+never less than what the service bills.
 
 When a worst case does not fit, no new attempt starts, in any worker: waiting attempts queue in order,
 and the first goes as soon as settled answers leave room for it. When nothing is in flight and the first

@@ -326,7 +326,7 @@ class Client:
             self.limits.observe(reply.headers)
             self.http_429s += reply.status == 429
             verdict = classify(reply.status, reply.headers, reply.body, now=time.time())
-            billed_usd = self._billed_usd(reply, verdict)
+            billed_usd = self._billed_usd(reply, verdict, plan)
             usage = parse_usage(reply.body) if isinstance(reply.body, Mapping) else None
             if usage is not None:  # the server's own count replaces our estimate in the window
                 self.limits.settle(reservation, usage.prompt_tokens + int(plan.body.get("max_tokens", 0)))
@@ -349,16 +349,16 @@ class Client:
             parsed = None  # a proxy's HTML error page, a truncated body: classify retries a 200 like this
         return Reply(response.status, response.headers, parsed, text)
 
-    def _billed_usd(self, reply: Reply, verdict: Verdict) -> float | None:
+    def _billed_usd(self, reply: Reply, verdict: Verdict, plan: RequestPlan) -> float | None:
         """What an answer costs: its bill; nothing for what the services do not bill (429, 5xx, other
-        4xx); None when it may have been billed but says not how much (a filtered prompt, a 200 without
-        usage)."""
+        4xx); at most its prompt for a prompt the filter refused (it carries no usage, but no completion
+        was made); None, the whole worst case, for a 200 without usage."""
         usage = parse_usage(reply.body) if isinstance(reply.body, Mapping) else None
         if usage is not None:
             return self.budget.billed_usd(usage)
-        if reply.status == 200 or verdict.action == "filtered":
-            return None
-        return 0.0
+        if verdict.action == "filtered":
+            return self.budget.worst_case_usd(plan.estimated_prompt_tokens, 0)
+        return None if reply.status == 200 else 0.0
 
     def _abort_message(self, reply: Reply) -> str:
         reason = error_message(reply.body, reply.text)
