@@ -35,7 +35,8 @@ clean:
 bench-quota: $(STAMP)
 	$(BIN)/python bench/quota.py
 
-# A few minutes: 5000 rows, SIGKILLed at random moments 50 times, then run to completion; prints figures.
+# ~3 minutes: 5000 rows SIGKILLed 50 times at random moments, then run to completion; exactly-once figures
+# and what the kills paid again (concurrency 8, 0.1 s latency, 2 % 500s, the output section's defaults).
 chaos: $(STAMP)
 	$(BIN)/python bench/chaos.py
 
