@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quota bench-resume bench-progress bench-estimate bench-images chaos sample-data clean
+.PHONY: demo test lint bench bench-quota bench-resume bench-progress bench-estimate bench-images bench-budget chaos sample-data clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -57,3 +57,7 @@ bench-estimate: $(STAMP)
 # high, images prepared per second in threads and in processes, end-to-end rows/s at high (median of 3).
 bench-images: $(STAMP)
 	$(BIN)/python bench/images_bench.py
+
+# ~5 minutes: 50 runs capped at a random $0.05–$2, manifests costing more; the emulator's bill vs each cap.
+bench-budget: $(STAMP)
+	$(BIN)/python bench/budget.py
