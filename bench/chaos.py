@@ -3,20 +3,30 @@
     python bench/chaos.py [--rows 5000] [--kills 50] [--seed 1] [--workdir out/chaos]
 
 Generates a manifest whose per-row prompt names the row ("Describe image row-00042."), starts the
-standalone emulator with latency, 500s and dropped connections and a request log, then runs the real
-CLI again and again, SIGKILLing it at random moments (during start-up, mid-run, and the instant a temp
-file shows a part being written), and finally lets one run finish.
+standalone emulator on 127.0.0.1 with latency, 500s and dropped connections and a request log, then
+runs the real CLI again and again, SIGKILLing it at random moments (during start-up, mid-run, and the
+instant a temp file shows a part being written: with the default 1000 rows per part and a 30-s flush
+that is nearly always the part a run writes at start-up from the journal of the run killed before it),
+and finally lets one run finish. The defaults are the output section's defaults (rows_per_part 1000,
+flush_seconds 30), concurrency 8, 0.1 s of latency, 2 % of 500s and 0.5 % of dropped connections.
 
 Nothing here trusts the pipeline. What is committed is read with pyarrow from the part files a reader
-would open; what was paid for is read from the emulator's request log (one line per request, written
-before its answer leaves). After every kill the committed ids are read again, so each paid request can
-be placed in the run that sent it and compared with what was committed before and after that run.
+would open; what was paid for is read from the emulator's request log (one line per request, appended
+and flushed just before its answer leaves). After every kill the committed ids are read again, and the
+ids in the journal's complete lines (``OUTPUT/_journal/``), so each paid request can be placed in the
+run that sent it and compared with what was committed and journalled before and after that run. At each
+kill the request log's size is noted just before the SIGKILL: a line past that size is an answer that
+left the emulator after the kill, so the request was still on the wire when the kill came.
 
 Checks, each printed as a figure; the script exits 1 if any fails:
 - every manifest id is committed exactly once (duplicates 0, missing 0, no unknown id) and no temp file
   is left; no kill ever made a committed row disappear;
 - no row is paid for twice within one run, nor after it was committed;
-- no row is paid for more than 1 + (number of kills that hit it while it was in flight or buffered).
+- no row is paid for more than 1 + (number of kills that hit it while it was in flight or buffered);
+- no row that was in the journal when a run was killed is sent again;
+- the goal of the journal: answered requests (200) whose row is sent again by a later run, in all, at
+  most kills × concurrency (what was on the wire at the kills). Before the journal every row answered
+  but not yet in a part was sent again: about 34 per kill at the default settings.
 """
 
 from __future__ import annotations
@@ -35,9 +45,10 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 from PIL import Image
@@ -50,6 +61,9 @@ PROMPT_ROW_ID = re.compile(r"Describe image (\S+)\.")
 DISTINCT_IMAGES = 50  # rows share these small images; each row still has its own id and prompt
 PAID_STATUSES = frozenset({200, 400})  # an answer or a filter refusal: both are billed
 TEMP_PREFIX = ".tmp-"  # what a half-written file of a killed run is called (DESIGN.md, sink)
+JOURNAL_DIR = "_journal"  # the paid answers a run has not yet committed (README, "What a kill costs")
+ANSWERED = 200
+HOST = "127.0.0.1"  # the emulator listens on loopback only
 WRITE_POLL_S = 0.0005  # how often a "during a part write" kill looks for a temp file
 WRITE_WATCH_S = 2.0  # how long it looks before killing anyway
 RUN_TIMEOUT_S = 600.0  # the final run; a hang is a failure, not a wait
@@ -61,14 +75,20 @@ KILL_MODE_WEIGHTS = (0.2, 0.5, 0.3)
 class ChaosConfig:
     rows: int = 5000
     kills: int = 50
-    latency_s: float = 0.15
+    latency_s: float = 0.1
     fault_rate: float = 0.02
     drop_rate: float = 0.005
-    concurrency: int = 16
-    rows_per_part: int = 50
-    flush_seconds: float = 1.0
+    concurrency: int = 8
+    rows_per_part: int = 1000  # the output section's defaults (config.py)
+    flush_seconds: float = 30.0
     max_attempts: int = 4
     seed: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class KillMoment:
+    at: float  # time.monotonic() just before the SIGKILL
+    log_bytes: int  # the request log's size then: a line past it was answered after the kill
 
 
 @dataclass(slots=True)
@@ -80,15 +100,25 @@ class Invocation:
     ended: float = 0.0
     kill_mode: str | None = None  # None: left to finish
     was_killed: bool = False  # SIGKILL reached a live process
+    killed: KillMoment | None = None  # when it did
     exit_code: int | None = None
     temp_files_after: tuple[str, ...] = ()  # what the kill left behind, before the next start removes it
     committed_after: frozenset[str] = frozenset()
+    journalled_after: frozenset[str] = frozenset()  # ids in the journal's complete lines after the run
 
 
 @dataclass(frozen=True, slots=True)
-class Paid:
+class Logged:
+    """One line of the emulator's request log."""
+
     at: float  # arrival, emulator loop time (CLOCK_MONOTONIC)
-    row_id: str
+    status: int  # 0: the connection was dropped
+    row_id: str | None  # from the prompt
+    end: int  # the log's size once this line was written: it was answered when the log reached it
+
+    @property
+    def is_paid(self) -> bool:
+        return self.status in PAID_STATUSES and self.row_id is not None
 
 
 @dataclass(slots=True)
@@ -117,7 +147,18 @@ class Figures:
     rows_over_bound: int = 0  # paid more than 1 + kills that hit the row
     paid_twice_in_one_run: int = 0
     paid_after_commit: int = 0
-    resent_per_kill: list[int] = field(default_factory=list)
+    uncommitted_per_kill: list[int] = field(default_factory=list)  # paid in the run, in no part at its kill
+    journalled_per_kill: list[int] = field(default_factory=list)  # ids in the journal after the kill
+    in_flight_per_kill: list[int] = field(default_factory=list)  # arrived before the kill, answered after
+    in_flight_while_sending: list[int] = field(default_factory=list)  # kills after the run's first request
+    answered_sent_again: int = 0  # 200s whose row a later run sent again
+    answered_sent_again_per_kill: list[int] = field(default_factory=list)  # by the run that was answered
+    answered_after_kill_sent_again: int = 0  # of which answered after the SIGKILL: on the wire at the kill
+    answered_before_kill_sent_again: int = 0  # answered before it (or in a run not killed)
+    lines_from_answer_to_kill: list[int] = field(default_factory=list)  # for those: answers logged in between
+    journalled_sent_again: int = 0  # rows in the journal at a kill, sent again by a later run
+    paid_again: int = 0  # of those, rows paid by the next run that sent them
+    concurrency: int = 0
     final_exit_code: int | None = None
     runtime_s: float = 0.0
 
@@ -134,11 +175,22 @@ class Figures:
             "rows paid over 1 + kills that hit them": self.rows_over_bound,
             "rows paid twice in one run": self.paid_twice_in_one_run,
             "paid requests for already committed rows": self.paid_after_commit,
+            "journalled rows sent again": self.journalled_sent_again,
         }
         failed = [f"{name}: {count}" for name, count in checks.items() if count]
+        if not self.meets_goal:
+            failed.append(
+                f"answered requests sent again: {self.answered_sent_again} > kills × concurrency = "
+                f"{self.kills * self.concurrency}"
+            )
         if self.final_exit_code not in (0, 1):
             failed.append(f"the final run exited {self.final_exit_code} (0 or 1 expected)")
         return failed
+
+    @property
+    def meets_goal(self) -> bool:
+        """A kill re-pays at most what was on the wire: answered requests sent again ≤ kills × concurrency."""
+        return self.answered_sent_again <= self.kills * self.concurrency
 
 
 def row_id_of(n: int) -> str:
@@ -172,7 +224,8 @@ def cli_command() -> list[str]:
 def start_emulator(cfg: ChaosConfig, request_log: Path, stderr: Path) -> tuple[subprocess.Popen[str], str]:
     """The standalone emulator on a free loopback port; returns the process and its URL."""
     args = [
-        *cli_command(), "emulator", "--port", "0", "--api-key", EMULATOR_KEY, "--deployment", DEPLOYMENT,
+        *cli_command(), "emulator", "--host", HOST, "--port", "0", "--api-key", EMULATOR_KEY,
+        "--deployment", DEPLOYMENT,
         "--latency", str(cfg.latency_s), "--fault-rate", str(cfg.fault_rate), "--drop-rate", str(cfg.drop_rate),
         "--seed", str(cfg.seed), "--request-log", str(request_log),
     ]  # fmt: skip
@@ -266,20 +319,42 @@ def temp_files(output: Path) -> list[str]:
     return sorted(p.name for p in output.iterdir() if p.name.startswith(TEMP_PREFIX))
 
 
-def read_request_log(path: Path) -> tuple[list[Paid], Counter[int]]:
-    """The paid requests (arrival time, row id from the prompt) and every request's status."""
-    paid: list[Paid] = []
-    statuses: Counter[int] = Counter()
-    with open(path, encoding="utf-8") as f:
+def journalled_ids(output: Path) -> frozenset[str]:
+    """The ids in the journal's complete lines: the answers a killed run leaves for the next run."""
+    ids: set[str] = set()
+    for segment in sorted((output / JOURNAL_DIR).glob("*.jsonl")):
+        with open(segment, "rb") as f:
+            for line in f:
+                record = _json_line(line)
+                if record is not None and isinstance(record.get("id"), str):
+                    ids.add(record["id"])
+    return frozenset(ids)
+
+
+def _json_line(line: bytes) -> dict[str, Any] | None:
+    """A complete JSON object line, or None for a line cut short by a kill."""
+    if not line.endswith(b"\n"):
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def read_request_log(path: Path) -> list[Logged]:
+    """Every request the emulator answered or dropped, in the order its answer left."""
+    logged: list[Logged] = []
+    end = 0
+    with open(path, "rb") as f:
         for line in f:
+            end += len(line)
             if not line.strip():
                 continue
             entry = json.loads(line)
-            statuses[entry["status"]] += 1
             match = PROMPT_ROW_ID.search(entry.get("prompt_text") or "")
-            if entry["status"] in PAID_STATUSES and match:
-                paid.append(Paid(entry["at"], match.group(1)))
-    return paid, statuses
+            logged.append(Logged(entry["at"], entry["status"], match.group(1) if match else None, end))
+    return logged
 
 
 # --- killing -------------------------------------------------------------------------------------------
@@ -304,15 +379,20 @@ def wait_for_temp_file(
         time.sleep(WRITE_POLL_S)
 
 
-def kill_after(proc: subprocess.Popen[bytes], delay_s: float) -> bool:
-    """SIGKILL `proc` after `delay_s` unless it ended first; True when the kill reached a live process."""
+def kill_after(proc: subprocess.Popen[bytes], delay_s: float, log: Path) -> KillMoment | None:
+    """SIGKILL `proc` after `delay_s` unless it ended first; the moment, when the kill reached a live process.
+
+    The request log's size is read just before the signal: what the emulator logs after it was answered
+    after the kill.
+    """
     try:
         proc.wait(timeout=delay_s)
-        return False
+        return None
     except subprocess.TimeoutExpired:
         pass
+    moment = KillMoment(time.monotonic(), log.stat().st_size if log.exists() else 0)
     proc.send_signal(signal.SIGKILL)
-    return proc.wait() == -signal.SIGKILL  # not a run that ended on its own just before
+    return moment if proc.wait() == -signal.SIGKILL else None  # not a run that ended on its own just before
 
 
 @dataclass(slots=True)
@@ -373,18 +453,19 @@ def chaos(cfg: ChaosConfig, workdir: Path, *, say: bool = True) -> Figures:
             run = Invocation(number, time.monotonic(), kill_mode=mode)
             proc = start_run(config, manifest, output, runs_log)
             if mode == "start-up":
-                run.was_killed = kill_after(proc, rng.uniform(0.0, 1.2 * pace.startup_s))
+                run.killed = kill_after(proc, rng.uniform(0.0, 1.2 * pace.startup_s), log)
             elif mode == "mid-run":
-                run.was_killed = kill_after(proc, pace.startup_s + rng.uniform(0.0, 2 * slot_s))
-            else:
-                if proc.poll() is None:
-                    time.sleep(pace.startup_s + rng.uniform(0.0, 2 * slot_s))
-                    wait_for_temp_file(output, proc, WRITE_WATCH_S, stale)
-                run.was_killed = kill_after(proc, 0.0)
+                run.killed = kill_after(proc, pace.startup_s + rng.uniform(0.0, 2 * slot_s), log)
+            else:  # the first part written: the journal's rows at start-up, or a part of the run's own
+                watch_s = pace.startup_s + rng.uniform(0.0, 2 * slot_s) + WRITE_WATCH_S
+                wait_for_temp_file(output, proc, watch_s, stale)
+                run.killed = kill_after(proc, 0.0, log)
+            run.was_killed = run.killed is not None
             run.ended, run.exit_code = time.monotonic(), proc.returncode
             run.temp_files_after = tuple(temp_files(output))
             counts = committed_id_counts(output)
             run.committed_after = frozenset(counts)
+            run.journalled_after = journalled_ids(output)
             invocations.append(run)
             kills += run.was_killed
             arrivals = arrivals_since(log, run.started)
@@ -393,7 +474,8 @@ def chaos(cfg: ChaosConfig, workdir: Path, *, say: bool = True) -> Figures:
             if say:
                 print(
                     f"run {number:3d}: {mode:10s} {'killed' if run.was_killed else f'exit {run.exit_code}':8s}"
-                    f" after {run.ended - run.started:5.2f} s; {len(counts):5d} rows committed"
+                    f" after {run.ended - run.started:5.2f} s; {len(counts):5d} rows committed,"
+                    f" {len(run.journalled_after):4d} journalled"
                     f"{'; left ' + ', '.join(run.temp_files_after) if run.temp_files_after else ''}",
                     flush=True,
                 )
@@ -413,6 +495,7 @@ def chaos(cfg: ChaosConfig, workdir: Path, *, say: bool = True) -> Figures:
             proc.wait()
         stop(emulator)
     figures = verify(ids, invocations, output, log)
+    figures.concurrency = cfg.concurrency
     figures.runtime_s = time.monotonic() - began
     return figures
 
@@ -445,14 +528,20 @@ def verify(ids: Sequence[str], invocations: Sequence[Invocation], output: Path, 
         figures.rows_lost_by_a_kill += len(before - run.committed_after)
         before = run.committed_after
 
-    paid, figures.requests_by_status = read_request_log(log)
-    figures.requests = sum(figures.requests_by_status.values())
+    logged = read_request_log(log)
+    figures.requests_by_status = Counter(entry.status for entry in logged)
+    figures.requests = len(logged)
+    paid = [entry for entry in logged if entry.is_paid]
     figures.paid = len(paid)
     starts = [run.started for run in invocations]
+
+    def run_of(entry: Logged) -> int:
+        return max(bisect.bisect_right(starts, entry.at) - 1, 0)
+
     paid_in_run: dict[str, Counter[int]] = defaultdict(Counter)  # row id -> run index -> paid requests
     for request in paid:
-        index = bisect.bisect_right(starts, request.at) - 1
-        paid_in_run[request.row_id][max(index, 0)] += 1
+        assert request.row_id is not None
+        paid_in_run[request.row_id][run_of(request)] += 1
 
     hits: Counter[str] = Counter()  # row id -> kills that caught it paid but not yet committed
     resent: Counter[int] = Counter()  # run index -> rows paid in it and lost to its kill
@@ -472,8 +561,69 @@ def verify(ids: Sequence[str], invocations: Sequence[Invocation], output: Path, 
     figures.extra_paid = figures.paid - len(paid_in_run)
     figures.max_kills_hitting_a_row = max(hits.values(), default=0)
     figures.kills_hitting_rows = len(resent)
-    figures.resent_per_kill = [resent[i] for i, run in enumerate(invocations) if run.was_killed]
+    figures.uncommitted_per_kill = [resent[i] for i, run in enumerate(invocations) if run.was_killed]
+    count_sent_again(figures, invocations, logged, run_of)
     return figures
+
+
+def count_sent_again(
+    figures: Figures,
+    invocations: Sequence[Invocation],
+    logged: Sequence[Logged],
+    run_of: Callable[[Logged], int],
+) -> None:
+    """What each kill cost again: answered requests whose row a later run sent, and what was on the wire."""
+    runs_sending: dict[str, set[int]] = defaultdict(set)  # row id -> runs that sent it, whatever the answer
+    paid_runs: dict[str, Counter[int]] = defaultdict(Counter)
+    in_flight: Counter[int] = Counter()
+    sending: set[int] = set()  # killed runs that had sent a request when the kill came
+    for entry in logged:
+        index = run_of(entry)
+        killed = invocations[index].killed
+        if killed is not None and entry.at < killed.at:
+            sending.add(index)
+            in_flight[index] += entry.end > killed.log_bytes
+        if entry.row_id is not None:
+            runs_sending[entry.row_id].add(index)
+            paid_runs[entry.row_id][index] += entry.is_paid
+
+    sent_again: Counter[int] = Counter()  # run index -> its 200s whose row a later run sent
+    ends = [entry.end for entry in logged]
+    for position, entry in enumerate(logged):
+        if entry.status != ANSWERED or entry.row_id is None:
+            continue
+        index = run_of(entry)
+        later = [j for j in runs_sending[entry.row_id] if j > index]
+        if not later:
+            continue
+        sent_again[index] += 1
+        figures.paid_again += paid_runs[entry.row_id][min(later)] > 0
+        killed = invocations[index].killed
+        if killed is not None and entry.end > killed.log_bytes:
+            figures.answered_after_kill_sent_again += 1
+        else:
+            figures.answered_before_kill_sent_again += 1
+            if killed is not None:  # how close to the kill: 0 when it was the last answer before it
+                figures.lines_from_answer_to_kill.append(
+                    bisect.bisect_right(ends, killed.log_bytes) - 1 - position
+                )
+
+    for row_id, indexes in runs_sending.items():
+        figures.journalled_sent_again += any(
+            row_id in run.journalled_after and any(j > i for j in indexes)
+            for i, run in enumerate(invocations)
+            if run.was_killed
+        )
+    figures.answered_sent_again = sum(sent_again.values())
+    killed_runs = [i for i, run in enumerate(invocations) if run.was_killed]
+    figures.answered_sent_again_per_kill = [sent_again[i] for i in killed_runs]
+    figures.in_flight_per_kill = [in_flight[i] for i in killed_runs]
+    figures.in_flight_while_sending = [in_flight[i] for i in killed_runs if i in sending]
+    figures.journalled_per_kill = [len(invocations[i].journalled_after) for i in killed_runs]
+
+
+def spread(values: Sequence[int]) -> str:
+    return f"median {statistics.median(values):g}, mean {statistics.fmean(values):.1f}, max {max(values)}"
 
 
 def format_figures(f: Figures, cfg: ChaosConfig) -> str:
@@ -481,12 +631,22 @@ def format_figures(f: Figures, cfg: ChaosConfig) -> str:
     modes = ", ".join(f"{f.kills_by_mode[m]} {m}" for m in KILL_MODES)
     statuses = ", ".join(f"{n} {s}" for s, n in sorted(f.by_status.items()))
     codes = ", ".join(f"{n}×{s}" for s, n in sorted(f.requests_by_status.items()))
-    resent = f.resent_per_kill or [0]
-    nominal = f"{cfg.concurrency} in flight + up to {cfg.rows_per_part} buffered + a part being written"
+    uncommitted = f.uncommitted_per_kill or [0]
+    journalled = f.journalled_per_kill or [0]
+    in_flight = f.in_flight_per_kill or [0]
+    sending = f.in_flight_while_sending or [0]
+    close_to_kill = (
+        f" (answers the emulator logged after each, before the SIGKILL: {f.lines_from_answer_to_kill})"
+        if f.lines_from_answer_to_kill
+        else ""
+    )
+    again = f.answered_sent_again_per_kill or [0]
+    bound = f"{f.kills} × {cfg.concurrency} = {f.kills * cfg.concurrency}"
+    goal = f"{f.answered_sent_again}, {'PASS' if f.meets_goal else 'FAIL'}"
     figures = [
         ("kills", f"{f.kills} ({modes}) over {f.runs} runs"),
         ("kills during a write", f"{f.kills_leaving_temp} (left a temp file; the next start removed it)"),
-        ("kills that hit paid rows", f"{f.kills_hitting_rows}"),
+        ("kills that hit paid rows", f"{f.kills_hitting_rows} (paid rows not in a part after the kill)"),
         ("rows", f"{f.rows}"),
         ("committed rows", f"{f.committed} ({statuses})"),
         ("duplicates", f"{f.duplicates}"),
@@ -505,14 +665,23 @@ def format_figures(f: Figures, cfg: ChaosConfig) -> str:
         ("rows over 1 + kills", f"{f.rows_over_bound}"),
         ("paid twice in one run", f"{f.paid_twice_in_one_run}"),
         ("paid after commit", f"{f.paid_after_commit}"),
-        ("re-sent per kill", f"max {max(resent)}, mean {statistics.fmean(resent):.1f} (nominal: {nominal})"),
+        ("paid, not in a part", f"{spread(uncommitted)} per kill (all sent again before the journal)"),
+        ("in the journal", f"{spread(journalled)} per kill (ids in complete lines after the kill)"),
+        ("in flight at a kill", f"{spread(in_flight)} (arrived before the SIGKILL, answered after it)"),
+        ("  kills while sending", f"{len(f.in_flight_while_sending)}: in flight {spread(sending)}"),
+        ("answered, sent again", f"{f.answered_sent_again} in all; {spread(again)} per kill"),
+        ("  answered after the kill", f"{f.answered_after_kill_sent_again} (on the wire when it came)"),
+        ("  answered before it", f"{f.answered_before_kill_sent_again}{close_to_kill}"),
+        ("  paid again", f"{f.paid_again} (by the next run that sent the row)"),
+        ("journalled, sent again", f"{f.journalled_sent_again}"),
+        ("goal", f"answered and sent again ≤ kills × concurrency = {bound}: {goal}"),
         ("final run exit code", f"{f.final_exit_code}"),
         ("runtime", f"{f.runtime_s:.1f} s"),
     ]
     header = (
         f"chaos: {f.rows} rows, emulator latency {cfg.latency_s} s, {cfg.fault_rate:.0%} 500s, "
-        f"{cfg.drop_rate:.1%} dropped; concurrency {cfg.concurrency}, rows_per_part {cfg.rows_per_part}, "
-        f"flush_seconds {cfg.flush_seconds}"
+        f"{cfg.drop_rate:.1%} dropped connections; concurrency {cfg.concurrency}, rows_per_part "
+        f"{cfg.rows_per_part}, flush_seconds {cfg.flush_seconds:g}"
     )
     verdict = "PASS" if not f.failures else "FAIL: " + "; ".join(f.failures)
     return "\n".join([header, *(f"  {name:26s}{value}" for name, value in figures), f"result: {verdict}"])
