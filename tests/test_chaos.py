@@ -51,14 +51,22 @@ def is_moment_to_kill(
     return any(name not in stale for name in writing)  # "part write": a part file is half-written
 
 
-def kill_at(moment: str, proc: subprocess.Popen[bytes], run: chaos.Invocation, *context: object) -> None:
+def kill_at(
+    moment: str,
+    proc: subprocess.Popen[bytes],
+    run: chaos.Invocation,
+    previous: chaos.Invocation | None,
+    out: Path,
+    log: Path,
+) -> None:
     """SIGKILL the run as soon as `moment` comes; fail if the run ends or takes too long before it does."""
     deadline = time.monotonic() + MOMENT_TIMEOUT_S
-    while not is_moment_to_kill(moment, run, *context):
+    while not is_moment_to_kill(moment, run, previous, out, log):
         assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before the moment {moment!r}"
         assert time.monotonic() < deadline, f"the moment {moment!r} never came"
         time.sleep(POLL_S)
-    run.was_killed = chaos.kill_after(proc, 0.0)
+    run.killed = chaos.kill_after(proc, 0.0, log)
+    run.was_killed = run.killed is not None
 
 
 @pytest.mark.timeout(120)
