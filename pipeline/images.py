@@ -235,20 +235,8 @@ def _prepare(
         raise ImageError(
             row_id, f"cannot read: {err.strerror or err}", kind=ErrorKind.UNREADABLE_IMAGE, path=ref
         ) from None
-    except UnidentifiedImageError:
-        raise ImageError(
-            row_id,
-            sniff.unidentified_reason(sniff.read_head(source)),
-            kind=ErrorKind.UNSUPPORTED_FORMAT,
-            path=ref,
-        ) from None
-    except Image.DecompressionBombError as err:
-        raise ImageError(
-            row_id,
-            f"too many pixels to decode safely: {_one_line(err)}",
-            kind=ErrorKind.TOO_MANY_PIXELS,
-            path=ref,
-        ) from None
+    except (UnidentifiedImageError, Image.DecompressionBombError) as err:
+        raise sniff.pillow_refusal(err, source, row_id=row_id, ref=ref) from None
     except (OSError, ValueError, EOFError, SyntaxError, struct.error) as err:  # Pillow's decoders on bad data
         raise ImageError(
             row_id, f"damaged or truncated image: {_one_line(err)}", kind=ErrorKind.UNREADABLE_IMAGE, path=ref

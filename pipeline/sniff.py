@@ -236,22 +236,29 @@ def _decode_data_url(url: str, *, row_id: str) -> bytes:
     return data
 
 
+def pillow_refusal(
+    err: UnidentifiedImageError | Image.DecompressionBombError,
+    source: Path | io.BytesIO,
+    *,
+    row_id: str,
+    ref: str,
+) -> ImageError:
+    """The row error for Pillow refusing to open an image: not a format it reads, or too many pixels."""
+    if isinstance(err, UnidentifiedImageError):
+        return ImageError(
+            row_id, unidentified_reason(read_head(source)), kind=ErrorKind.UNSUPPORTED_FORMAT, path=ref
+        )
+    reason = f"too many pixels to decode safely: {_one_line(err)}"
+    return ImageError(row_id, reason, kind=ErrorKind.TOO_MANY_PIXELS, path=ref)
+
+
 def _header(source: Path | io.BytesIO, *, ref: str, row_id: str) -> tuple[int, int, str]:
     """Width, height and Pillow's format name, from the image's header only."""
     try:
         with Image.open(source, formats=SNIFFED_FORMATS) as im:
             return im.width, im.height, im.format or ""
-    except UnidentifiedImageError:
-        raise ImageError(
-            row_id, unidentified_reason(read_head(source)), kind=ErrorKind.UNSUPPORTED_FORMAT, path=ref
-        ) from None
-    except Image.DecompressionBombError as err:
-        raise ImageError(
-            row_id,
-            f"too many pixels to decode safely: {_one_line(err)}",
-            kind=ErrorKind.TOO_MANY_PIXELS,
-            path=ref,
-        ) from None
+    except (UnidentifiedImageError, Image.DecompressionBombError) as err:
+        raise pillow_refusal(err, source, row_id=row_id, ref=ref) from None
     except OSError as err:
         raise ImageError(
             row_id, f"cannot read: {_one_line(err)}", kind=ErrorKind.UNREADABLE_IMAGE, path=ref
