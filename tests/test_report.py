@@ -201,4 +201,4 @@ async def test_the_report_opens_in_a_headless_browser_with_its_figures(reported,
     assert "<title>vision-pipeline report" in dom
     assert figure(dom, "rows-total") == "9" and figure(dom, "rows-error") == "1"
     assert figure(dom, "exit-code").startswith("1 ")
-    assert len(re.findall(r'<img src="data:image/jpeg', dom)) == 7 and dom.count("<svg") == 4
+    assert len(re.findall(r'<img src="data:image/jpeg', dom)) == 6 and dom.count("<svg") == 4
