@@ -120,6 +120,11 @@ class _Ramp:
         if now < self.start + WINDOW_S:
             self.used += amount
 
+    def give_back(self, at: float, amount: float) -> None:
+        """Undo a ``take`` made at `at` of a booking withdrawn unsent."""
+        if self.start <= at < self.start + WINDOW_S:
+            self.used = max(0.0, self.used - amount)
+
 
 @dataclass(slots=True)
 class _Waiter:
@@ -168,26 +173,53 @@ class Limits:
     async def acquire(self, tokens: int) -> Reservation:
         """Wait until one request of `tokens` fits every budget, then book it. Raises ValueError when
         `tokens` exceeds the whole per-minute budget (check `admits` first), LimitsClosed after ``close``."""
+        offered = self.offer(tokens)
+        try:
+            reservation = await offered
+        except asyncio.CancelledError:
+            self.withdraw(offered)
+            raise
+        return await self.take(reservation)
+
+    def offer(self, tokens: int) -> asyncio.Future[Reservation]:
+        """Queue one request of `tokens`; the future is its booking once admitted (LimitsClosed after
+        ``close``). A pool offers a request to several endpoints and ``withdraw``s it from all but one."""
         if not self.admits(tokens):
             raise ValueError(f"{tokens} tokens exceed limits.tokens_per_minute = {self.tokens_per_minute}")
+        admitted: asyncio.Future[Reservation] = self._loop.create_future()
         if self._closed:
-            raise LimitsClosed()
-        waiter = _Waiter(tokens, self._loop.create_future())
-        self._waiting.append(waiter)
+            admitted.set_exception(LimitsClosed())
+            return admitted
+        self._waiting.append(_Waiter(tokens, admitted))
         self._admit()
-        try:
-            reservation = await waiter.admitted
-            await self._per_second.acquire(1)  # Azure also counts requests over 1-s windows
-            if self._closed:  # closed while this one was admitted but not yet on its way
-                self.settle(reservation, 0)
-                raise LimitsClosed()
-            return reservation
-        except asyncio.CancelledError:
-            admitted = waiter.admitted
-            if admitted.done() and not admitted.cancelled() and admitted.exception() is None:
-                self.settle(admitted.result(), 0)  # booked but never sent: give its tokens back
+        return admitted
+
+    def withdraw(self, offered: asyncio.Future[Reservation]) -> None:
+        """Take an offer back: a waiting one leaves the line; a booked one leaves the window unsent."""
+        if not offered.done():
+            offered.cancel()
+        elif not offered.cancelled() and offered.exception() is None:
+            reservation = offered.result()
+            if reservation in self._log.entries:
+                self._log.entries.remove(reservation)
+                self._log.tokens -= reservation.tokens
+                self._log.requests -= reservation.requests
+                self._token_ramp.give_back(reservation.at, reservation.tokens)
+                self._request_ramp.give_back(reservation.at, 1)
+        if self._waiting:
             self._admit()  # the next in line may go sooner
+
+    async def take(self, reservation: Reservation) -> Reservation:
+        """Send a booked request once the per-second pacer lets it go. Raises LimitsClosed after ``close``."""
+        try:
+            await self._per_second.acquire(1)  # Azure also counts requests over 1-s windows
+        except asyncio.CancelledError:
+            self.settle(reservation, 0)  # booked but never sent: give its tokens back
             raise
+        if self._closed:  # closed while this one was admitted but not yet on its way
+            self.settle(reservation, 0)
+            raise LimitsClosed()
+        return reservation
 
     def _admit(self) -> None:
         """Admit every waiting request that may go now, then set the timer for the first in line."""
@@ -248,20 +280,40 @@ class Limits:
             self._admit()  # a smaller bill may make room now
 
     def pause(self, wait_s: float) -> None:
-        """A 429: stop every worker for `wait_s` seconds, then resume gradually at a reduced budget."""
+        """A 429: admit nothing for `wait_s` seconds, then resume gradually at a reduced budget."""
         if self._closed:
             return  # nothing will be sent again: a pause would only be counted
         now = self._loop.time()
-        resume_at = now + wait_s
-        if resume_at > self._resume_at:
-            self.paused_s += resume_at - max(now, self._resume_at)
-            self._resume_at = resume_at
+        self.hold(wait_s)
         self.pauses += 1
         self._share = max(MIN_SHARE, self._current_share(now) * BACKOFF_FACTOR)
         self._token_ramp = _Ramp(self._token_ramp.per_s, self._resume_at)
         self._request_ramp = _Ramp(self._request_ramp.per_s, self._resume_at)
         if self._waiting:
             self._admit()
+
+    def hold(self, wait_s: float) -> None:
+        """Admit nothing for `wait_s` seconds (counted in ``paused_s``), the budget unchanged."""
+        now = self._loop.time()
+        resume_at = now + wait_s
+        if resume_at > self._resume_at:
+            self.paused_s += resume_at - max(now, self._resume_at)
+            self._resume_at = resume_at
+        if self._waiting:
+            self._admit()
+
+    @property
+    def resume_at(self) -> float:
+        """The loop time until which nothing is admitted (past: nothing held)."""
+        return self._resume_at
+
+    @property
+    def room(self) -> float:
+        """The share of this window's token budget not yet booked, 0..1: how the pool breaks ties."""
+        now = self._loop.time()
+        self._log.expire(now)
+        token_cap = self.tokens_per_minute / WINDOWS_PER_MINUTE * self._current_share(now)
+        return max(0.0, 1.0 - self._log.tokens / token_cap)
 
     @property
     def is_paused(self) -> bool:

@@ -57,6 +57,14 @@ def sends_model_in_body(provider: str) -> bool:
     return provider == "openai"
 
 
+def body_for_endpoint(body: Mapping[str, Any], model_in_body: str | None) -> Mapping[str, Any]:
+    """`body` as one endpoint of a pool takes it: with `model_in_body` for an OpenAI-style route, without a
+    model for Azure (its URL names the deployment). The same mapping when nothing changes. Pure."""
+    if model_in_body is None:
+        return body if "model" not in body else {k: v for k, v in body.items() if k != "model"}
+    return body if body.get("model") == model_in_body else {**body, "model": model_in_body}
+
+
 def build_body(
     task: ImageTask, images: Sequence[PreparedImage], cfg: RunConfig, structured: Structured | None = None
 ) -> dict[str, Any]:

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import random
 import signal
 import time
 from collections.abc import AsyncIterator, Container
@@ -27,8 +26,7 @@ import aiohttp
 from pipeline import checkpoint
 from pipeline.budget import Budget
 from pipeline.captioner import Captioner
-from pipeline.client import Client, endpoint_for
-from pipeline.config import RunConfig, api_key
+from pipeline.config import EndpointConfig, RunConfig, api_key_of
 from pipeline.exits import (
     EXIT_BUDGET,
     EXIT_INTERRUPTED,
@@ -40,9 +38,9 @@ from pipeline.exits import (
 )
 from pipeline.images import image_threads, reuse_freed_image_memory
 from pipeline.journal import JOURNAL_DIR, Journal, Recovered, recover
-from pipeline.limits import Limits
 from pipeline.manifest import Skipped, count_rows, manifest_base_dir, manifest_columns, read_manifest
 from pipeline.metrics import publish_metrics
+from pipeline.pool import open_pool
 from pipeline.pricing import Price, price_for_run
 from pipeline.progress import show_progress
 from pipeline.records import (
@@ -90,15 +88,19 @@ async def run(cfg: RunConfig, options: RunOptions) -> RunSummary:
     structured = load_structured(cfg)  # a schema or a format the service would refuse stops us here
     if structured is not None:
         check_manifest_columns(structured, manifest_columns(options.manifest), cfg.source)
-    key = api_key(cfg)  # a missing key stops us before the output is touched
+    keys = {m.name: api_key_of(m.endpoint, cfg.source) for m in cfg.pool}  # a missing key stops us here
     # a spend cap needs a price: without one the run stops here, naming the file to edit
     price = price_for_run(cfg) if cfg.limits.max_cost_usd is not None else _price_or_none(cfg)
     with checkpoint.output_lock(options.output):
-        return await _run_locked(cfg, options, key, price, structured)
+        return await _run_locked(cfg, options, keys, price, structured)
 
 
 async def _run_locked(
-    cfg: RunConfig, options: RunOptions, key: str | None, price: Price | None, structured: Structured | None
+    cfg: RunConfig,
+    options: RunOptions,
+    keys: dict[str, str | None],
+    price: Price | None,
+    structured: Structured | None,
 ) -> RunSummary:
     loop = asyncio.get_running_loop()
     started_at, started = time.time(), loop.time()
@@ -131,13 +133,11 @@ async def _run_locked(
                "output": str(options.output), "committed": len(resume.skip), "retrying": resume.retrying},
     )  # fmt: skip
     async with contextlib.AsyncExitStack() as stack:
-        if cfg.endpoint.provider == "emulator":
-            cfg = await _start_emulator(cfg, key, stack)
-        limits = Limits(cfg.limits.tokens_per_minute, cfg.requests_per_minute)
+        cfg = await _start_emulators(cfg, keys, stack)
         connector = aiohttp.TCPConnector(limit=cfg.limits.concurrency)
         session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
         budget = Budget(cfg.limits.max_cost_usd, price)
-        client = Client(session, endpoint_for(cfg.endpoint, key), limits, cfg.limits, random.Random(), budget)
+        client = open_pool(cfg, keys, session, budget)
         reuse_freed_image_memory()
         image_pool = ThreadPoolExecutor(image_threads(cfg.images), thread_name_prefix="images")
         stack.callback(image_pool.shutdown, wait=True, cancel_futures=True)
@@ -226,22 +226,35 @@ def _price_or_none(cfg: RunConfig) -> Price | None:
         return None
 
 
-async def _start_emulator(cfg: RunConfig, key: str | None, stack: contextlib.AsyncExitStack) -> RunConfig:
+async def _start_emulators(
+    cfg: RunConfig, keys: dict[str, str | None], stack: contextlib.AsyncExitStack
+) -> RunConfig:
+    """`cfg` with each endpoint of provider "emulator" pointed at an emulator of its own, started here."""
+    if all(m.endpoint.provider != "emulator" for m in cfg.pool):
+        return cfg
     from pipeline.emulator import Emulator  # only this provider needs the server code
 
-    deployment = cfg.endpoint.deployment or "gpt-4-vision"
-    emulator = await stack.enter_async_context(
-        Emulator(
-            cfg.emulator,
-            api_key=key or "",
-            deployment=deployment,
-            model=cfg.endpoint.model,
-            keep_requests=False,
-        )
-    )
-    log.info("emulator listening on %s", emulator.url)
-    endpoint = dataclasses.replace(cfg.endpoint, url=emulator.url, deployment=deployment)
-    return dataclasses.replace(cfg, endpoint=endpoint)
+    started: list[EndpointConfig] = []
+    for member in cfg.pool:
+        endpoint = member.endpoint
+        if endpoint.provider == "emulator":
+            deployment = endpoint.deployment or "gpt-4-vision"
+            emulator = await stack.enter_async_context(
+                Emulator(
+                    cfg.emulator,
+                    api_key=keys[member.name] or "",
+                    deployment=deployment,
+                    model=endpoint.model,
+                    keep_requests=False,
+                )
+            )
+            log.info("emulator for endpoint %r listening on %s", member.name, emulator.url)
+            endpoint = dataclasses.replace(endpoint, url=emulator.url, deployment=deployment)
+        started.append(endpoint)
+    if not cfg.endpoints:
+        return dataclasses.replace(cfg, endpoint=started[0])
+    members = tuple(dataclasses.replace(m, endpoint=e) for m, e in zip(cfg.endpoints, started, strict=True))
+    return dataclasses.replace(cfg, endpoint=started[0], endpoints=members)
 
 
 class _Stages:
