@@ -59,7 +59,14 @@ from pipeline.records import (
 from pipeline.results import manifest_failure
 from pipeline.sink import STATS_FILE, Sink, write_json_atomic
 from pipeline.structured import Structured, check_manifest_columns, load_structured
-from pipeline.summary import RunSummary, Tally, latency_percentiles, summary_as_dict
+from pipeline.summary import (
+    RunSummary,
+    Tally,
+    describe_endpoints,
+    endpoint_stats,
+    latency_percentiles,
+    summary_as_dict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +200,7 @@ async def _run_locked(
         recovered_rows=recovered.rows,
         recovered_cost_usd=recovered.cost_usd,
         max_cost_usd=cfg.limits.max_cost_usd,
+        endpoints=endpoint_stats(counters.endpoints, duration_s),
     )
     stats = summary_as_dict(summary)
     log.info(
@@ -201,6 +209,8 @@ async def _run_locked(
         summary.exit_code,
         extra={"event": "run_finished", **stats},
     )
+    for line in describe_endpoints(summary.endpoints):
+        log.info("%s", line, extra={"event": "endpoint_summary"})
     try:
         await asyncio.to_thread(write_json_atomic, options.output / STATS_FILE, stats)
     except OSError as err:
