@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quota bench-resume bench-progress bench-estimate bench-images bench-budget chaos sample-data clean
+.PHONY: demo test lint bench bench-pool bench-quota bench-resume bench-progress bench-estimate bench-images bench-budget chaos sample-data clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -61,3 +61,9 @@ bench-images: $(STAMP)
 # ~5 minutes: 50 runs capped at a random $0.05–$2, manifests costing more; the emulator's bill vs each cap.
 bench-budget: $(STAMP)
 	$(BIN)/python bench/budget.py
+
+# ~14 minutes: an endpoint pool of three quota-mode emulators (TPM 20k/40k/60k, 0.5 s latency), 3 minutes
+# each: steady state against each quota's 10-s ceiling, one emulator SIGKILLed after 60 s, one answering
+# 429 retry-after-ms 30000 for a minute, then one quota shared with a second client sending 30 % of it.
+bench-pool: $(STAMP)
+	$(BIN)/python bench/pool.py

@@ -70,10 +70,19 @@ DETAILS = ("low", "high", "auto")
 FORMATS = ("PNG", "JPEG")
 
 
-def make_manifest(folder: Path, rows: int, seed: int = 0) -> Path:
+def make_manifest(
+    folder: Path,
+    rows: int,
+    seed: int = 0,
+    *,
+    sizes: Sequence[tuple[int, int]] = IMAGE_SIZES,
+    details: Sequence[str] = DETAILS,
+    label: str = "image",
+) -> Path:
     """Write `rows` small solid-colour images of mixed sizes and a CSV manifest with a mixed detail column.
 
-    Each row's prompt names the row, so the emulator's log of a request maps back to its committed row.
+    Each row's prompt names the row (and `label`), so the emulator's log of a request maps back to its
+    committed row, and two clients' requests are told apart.
     """
     rng = random.Random(seed)
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -82,8 +91,8 @@ def make_manifest(folder: Path, rows: int, seed: int = 0) -> Path:
         fmt = rng.choice(FORMATS)
         name = f"images/img{n:05d}.{'png' if fmt == 'PNG' else 'jpg'}"
         colour = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
-        Image.new("RGB", rng.choice(IMAGE_SIZES), colour).save(folder / name, format=fmt)
-        lines.append(f"row-{n:05d},{name},Describe image {n} in one paragraph.,{rng.choice(DETAILS)}")
+        Image.new("RGB", rng.choice(sizes), colour).save(folder / name, format=fmt)
+        lines.append(f"row-{n:05d},{name},Describe {label} {n} in one paragraph.,{rng.choice(details)}")
     manifest = folder / "manifest.csv"
     manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return manifest

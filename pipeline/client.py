@@ -171,6 +171,30 @@ class Reply:
 
 
 @dataclass(frozen=True, slots=True)
+class _Sending:
+    """What the trace hook needs to restamp a request's reservation once it is on the wire."""
+
+    limits: Limits
+    reservation: Reservation
+
+
+def sent_tracing() -> aiohttp.TraceConfig:
+    """A trace hook for the run's session: a request's reservation counts from when its headers are sent
+    (``Limits.restamp``), not from its admission; pass it in ``ClientSession(trace_configs=[...])``."""
+
+    async def on_headers_sent(
+        session: aiohttp.ClientSession, context: Any, params: aiohttp.TraceRequestHeadersSentParams
+    ) -> None:
+        sending = context.trace_request_ctx
+        if isinstance(sending, _Sending):
+            sending.limits.restamp(sending.reservation)
+
+    tracing = aiohttp.TraceConfig()
+    tracing.on_request_headers_sent.append(on_headers_sent)
+    return tracing
+
+
+@dataclass(frozen=True, slots=True)
 class Tried:
     """How one attempt went: the answer (None when none came), what it means, and why, in one line."""
 
@@ -225,7 +249,8 @@ class Client:
             async with scope:
                 self._in_flight.add(scope)
                 try:
-                    reply = await self._post(body_for_endpoint(plan.body, self.endpoint.model_in_body))
+                    body = body_for_endpoint(plan.body, self.endpoint.model_in_body)
+                    reply = await self._post(body, _Sending(self.limits, reservation))
                 finally:
                     self._in_flight.discard(scope)
         except (TimeoutError, aiohttp.ClientError) as err:
@@ -252,10 +277,14 @@ class Client:
             reply, verdict, retry_cause(reply.status), reason, self._billed_usd(reply, verdict, plan)
         )
 
-    async def _post(self, body: Mapping[str, Any]) -> Reply:
+    async def _post(self, body: Mapping[str, Any], sending: _Sending) -> Reply:
         timeout = aiohttp.ClientTimeout(total=self._cfg.timeout_s)
         async with self._session.post(
-            self.endpoint.url, json=body, headers=self.endpoint.headers, timeout=timeout
+            self.endpoint.url,
+            json=body,
+            headers=self.endpoint.headers,
+            timeout=timeout,
+            trace_request_ctx=sending,
         ) as response:
             text = await response.text()
         try:

@@ -21,12 +21,15 @@ How the quota is kept (Azure's rules, which the emulator's quota mode mirrors):
   the ramp; the budget then grows back linearly over ``RECOVERY_S`` (the deployment's quota may be
   shared with other clients).
 * ``x-ratelimit-remaining-tokens`` / ``-requests`` lower than our own view means someone else uses the
-  quota: the difference is booked into the window so we slow down before the server says 429.
+  quota: the difference is booked into the window, spread over its last 10 s, so we slow down before the
+  server says 429 (see ``Limits.observe``). On a 429 these headers say nothing new: the client does not
+  pass them here, or "0 remaining" would hold the endpoint a whole window instead of what it asked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,6 +44,11 @@ WINDOW_SLACK_S = 0.05
 BACKOFF_FACTOR = 0.75  # budget share kept after a 429
 MIN_SHARE = 0.25  # never throttle below this share of the configured budget
 RECOVERY_S = 30.0  # time to grow from MIN_SHARE back to the full budget
+OTHERS_SPREAD = 10  # the others' use is booked as this many parts over the last window
+# Their use is taken to stay this long before its oldest part leaves (the next answer tells again), plus
+# this share of the window as headroom: they send between our answers, and a full window has no room.
+OTHERS_HOLD_S = 1.0
+OTHERS_MARGIN_SHARE = 0.05
 TIMER_EARLY_S = 1e-6  # asyncio may run a timer up to its clock's resolution early: count that as on time
 
 
@@ -58,6 +66,7 @@ class Reservation:
     at: float
     tokens: int
     requests: int = 1
+    is_others: bool = False  # a share of what others used, per the headers; replaced at the next answer
 
 
 class _WindowLog:
@@ -181,16 +190,22 @@ class Limits:
             raise
         return await self.take(reservation)
 
-    def offer(self, tokens: int) -> asyncio.Future[Reservation]:
+    def offer(self, tokens: int, *, is_retry: bool = False) -> asyncio.Future[Reservation]:
         """Queue one request of `tokens`; the future is its booking once admitted (LimitsClosed after
-        ``close``). A pool offers a request to several endpoints and ``withdraw``s it from all but one."""
+        ``close``). A pool offers a request to several endpoints and ``withdraw``s it from all but one.
+        A retry goes before the requests not yet sent: its row has waited once already (and one moved
+        off a failed endpoint must not wait behind a full queue)."""
         if not self.admits(tokens):
             raise ValueError(f"{tokens} tokens exceed limits.tokens_per_minute = {self.tokens_per_minute}")
         admitted: asyncio.Future[Reservation] = self._loop.create_future()
         if self._closed:
             admitted.set_exception(LimitsClosed())
             return admitted
-        self._waiting.append(_Waiter(tokens, admitted))
+        waiter = _Waiter(tokens, admitted)
+        if is_retry:
+            self._waiting.appendleft(waiter)
+        else:
+            self._waiting.append(waiter)
         self._admit()
         return admitted
 
@@ -208,6 +223,21 @@ class Limits:
                 self._request_ramp.give_back(reservation.at, 1)
         if self._waiting:
             self._admit()  # the next in line may go sooner
+
+    def restamp(self, reservation: Reservation) -> None:
+        """The request has just gone out (its headers are sent): its time in the window is now, not when it
+        was admitted. Opening a new connection can take longer than the window's slack, and the server
+        counts the request from its arrival."""
+        now = self._loop.time()
+        entries = self._log.entries
+        if now <= reservation.at or reservation not in entries:
+            return
+        entries.remove(reservation)
+        reservation.at = now
+        position = len(entries)
+        while position and entries[position - 1].at > now:
+            position -= 1
+        entries.insert(position, reservation)
 
     async def take(self, reservation: Reservation) -> Reservation:
         """Send a booked request once the per-second pacer lets it go. Raises LimitsClosed after ``close``."""
@@ -320,15 +350,42 @@ class Limits:
         return self._loop.time() < self._resume_at
 
     def observe(self, headers: Mapping[str, str]) -> None:
-        """Book quota that others use, as told by x-ratelimit-remaining-* (per-minute figures)."""
+        """Book quota that others use, as told by x-ratelimit-remaining-* (per-minute figures).
+
+        What the server counts beyond our own reservations is someone else's. It is booked spread evenly
+        over the last window, so it leaves our log as the others' requests leave the server's window (a
+        steady co-tenant's do so evenly); booked at once it would all leave at once 10 s later, and the
+        room we then saw all at once would draw 429s. Each answer replaces the estimate of the one before;
+        none of it leaves for OTHERS_HOLD_S, and OTHERS_MARGIN_SHARE of the window is kept free of ours
+        while others use it (see bench/pool.py, the shared case).
+        """
         now = self._loop.time()
         self._log.expire(now)
-        left_tokens = headers.get("x-ratelimit-remaining-tokens")
-        left_requests = headers.get("x-ratelimit-remaining-requests")
-        unseen_tokens = _unseen(left_tokens, self.tokens_per_minute, self._log.tokens)
-        unseen_requests = _unseen(left_requests, self.requests_per_minute, self._log.requests)
-        if unseen_tokens or unseen_requests:
-            self._log.add(Reservation(now, unseen_tokens, unseen_requests))
+        own = [entry for entry in self._log.entries if not entry.is_others]
+        own_tokens = sum(entry.tokens for entry in own)
+        own_requests = sum(entry.requests for entry in own)
+        unseen_tokens = _unseen(
+            headers.get("x-ratelimit-remaining-tokens"), self.tokens_per_minute, own_tokens
+        )
+        unseen_requests = _unseen(
+            headers.get("x-ratelimit-remaining-requests"), self.requests_per_minute, own_requests
+        )
+        if len(own) == len(self._log.entries) and not (unseen_tokens or unseen_requests):
+            return  # nothing booked for others, nothing to book
+        if unseen_tokens:
+            unseen_tokens += int(self.tokens_per_minute / WINDOWS_PER_MINUTE * OTHERS_MARGIN_SHARE)
+        spread = []
+        for k in range(OTHERS_SPREAD):
+            tokens = unseen_tokens * (k + 1) // OTHERS_SPREAD - unseen_tokens * k // OTHERS_SPREAD
+            requests = unseen_requests * (k + 1) // OTHERS_SPREAD - unseen_requests * k // OTHERS_SPREAD
+            if tokens or requests:
+                at = now - WINDOW_S + OTHERS_HOLD_S + k * (WINDOW_S - OTHERS_HOLD_S) / (OTHERS_SPREAD - 1)
+                spread.append(Reservation(at, tokens, requests, is_others=True))
+        self._log.entries = deque(heapq.merge(own, spread, key=lambda entry: entry.at))
+        self._log.tokens = own_tokens + unseen_tokens
+        self._log.requests = own_requests + unseen_requests
+        if self._waiting:
+            self._admit()  # less booked for others than before may leave room now
 
 
 def _unseen(remaining: str | None, per_minute: int, ours: int) -> int:

@@ -340,7 +340,7 @@ class Pool:
         hold = await self.budget.hold(worst_usd)  # BudgetReached: the row stays for the next run
         billed_usd: float | None = 0.0  # None: the request may have been billed, for how much is unknown
         try:
-            member, reservation = await self._route(plan)
+            member, reservation = await self._route(plan, is_retry=retrying is not None)
             try:
                 if retrying is not None:
                     self.retries_by_cause[retrying] += 1
@@ -354,7 +354,7 @@ class Pool:
         finally:
             self.budget.settle(hold, billed_usd)
 
-    async def _route(self, plan: RequestPlan) -> tuple[Member, Reservation]:
+    async def _route(self, plan: RequestPlan, *, is_retry: bool) -> tuple[Member, Reservation]:
         """The endpoint that admits the request first, and its booking there, paced and ready to send.
 
         Raises NotSent after ``stop_sending``, RunAborted when no endpoint is left."""
@@ -371,7 +371,7 @@ class Pool:
                     member.client.limits.withdraw(offers.pop(member))
                 for member in self.members:
                     if member not in offers and member.takes_new(now) and member.client.limits.admits(tokens):
-                        offers[member] = member.client.limits.offer(tokens)
+                        offers[member] = member.client.limits.offer(tokens, is_retry=is_retry)
                 waiting: list[asyncio.Future[Any]] = [*offers.values(), self._changed]
                 await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 admitted = []

@@ -26,6 +26,7 @@ import aiohttp
 from pipeline import checkpoint
 from pipeline.budget import Budget
 from pipeline.captioner import Captioner
+from pipeline.client import sent_tracing
 from pipeline.config import EndpointConfig, RunConfig, api_key_of
 from pipeline.exits import (
     EXIT_BUDGET,
@@ -142,7 +143,9 @@ async def _run_locked(
     async with contextlib.AsyncExitStack() as stack:
         cfg = await _start_emulators(cfg, keys, stack)
         connector = aiohttp.TCPConnector(limit=cfg.limits.concurrency)
-        session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
+        session = await stack.enter_async_context(
+            aiohttp.ClientSession(connector=connector, trace_configs=[sent_tracing()])
+        )
         budget = Budget(cfg.limits.max_cost_usd, price)
         client = open_pool(cfg, keys, session, budget)
         reuse_freed_image_memory()
