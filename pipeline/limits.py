@@ -1,4 +1,4 @@
-"""Requests-per-minute and tokens-per-minute budgets, the global cool-down on 429, and header feedback.
+"""One endpoint's requests-per-minute and tokens-per-minute budgets, its 429 holds, and header feedback.
 
 How the quota is kept (Azure's rules, which the emulator's quota mode mirrors):
 
@@ -11,25 +11,26 @@ How the quota is kept (Azure's rules, which the emulator's quota mode mirrors):
 * Waiting requests are admitted in order, except that a later one goes first when it fits now and does
   not delay the first in line (backfilling, as batch schedulers do it). Strict order would leave the
   window part-empty while a large request waits for room: 3 to 4 % of the quota with mixed image sizes.
-* For one window after the start and after each pause, admissions also keep to the quota's own rate (the
+* For one window after the start and after each pause of a window or more, admissions also keep to the quota's own rate (the
   request that opens the window may run ahead), so the first window fills over 10 s rather than in one
   burst; after that the log replays the same smooth pattern. A pacer kept at the quota's rate for the
   whole run would cost about 4 %: every delay it adds pushes the next window back and is never made up.
 * Requests are also kept to a sixtieth of the RPM in any second (aiolimiter), as Azure counts them over
   1-s windows too.
-* A 429 pauses every worker until the time the server gave, cuts the budget by a quarter and restarts
-  the ramp; the budget then grows back linearly over ``RECOVERY_S`` (the deployment's quota may be
-  shared with other clients).
+* A 429 holds this endpoint for exactly the time the server gave, and no longer. (Cutting the budget by
+  a quarter after each 429 cost the steady pool ~10 % of its quota, since a 429 at a window's edge
+  comes from transit jitter, not from others; a quota shared with other clients is followed through
+  the headers instead: bench/pool.py.)
 * ``x-ratelimit-remaining-tokens`` / ``-requests`` lower than our own view means someone else uses the
-  quota: the difference is booked into the window, spread over its last 10 s, so we slow down before the
-  server says 429 (see ``Limits.observe``). On a 429 these headers say nothing new: the client does not
-  pass them here, or "0 remaining" would hold the endpoint a whole window instead of what it asked.
+  quota: the difference is booked into the window (each answer replaces the figure of the one before),
+  so we slow down before the server says 429 (see ``Limits.observe``). On a 429 these headers say
+  nothing new: the client does not pass them here, or "0 remaining" would hold the endpoint a whole
+  window instead of what it asked.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,13 +42,12 @@ WINDOWS_PER_MINUTE = 6
 # Keep reservations a little longer than the server does; each 0.1 s costs 1 % of the quota. Transit to
 # the in-process emulator varies by ~2 ms (36 ms at worst); a request that still comes too early gets a 429.
 WINDOW_SLACK_S = 0.05
-BACKOFF_FACTOR = 0.75  # budget share kept after a 429
-MIN_SHARE = 0.25  # never throttle below this share of the configured budget
-RECOVERY_S = 30.0  # time to grow from MIN_SHARE back to the full budget
-OTHERS_SPREAD = 10  # the others' use is booked as this many parts over the last window
-# Their use is taken to stay this long before its oldest part leaves (the next answer tells again), plus
-# this share of the window as headroom: they send between our answers, and a full window has no room.
-OTHERS_HOLD_S = 1.0
+# A 429 asking for less than this, when our log had room, says the server counts our requests later than
+# we do (a busy server charges after reading the body): the slack grows by what it asked, up to this
+# (at most 2.5 % of the quota), so the next window's edge does not draw the same 429.
+MAX_WINDOW_SLACK_S = 0.25
+# While others use the quota, this share of the window is kept free of ours: they send between our
+# answers, and a window we fill to the brim has no room for that.
 OTHERS_MARGIN_SHARE = 0.05
 TIMER_EARLY_S = 1e-6  # asyncio may run a timer up to its clock's resolution early: count that as on time
 
@@ -70,9 +70,10 @@ class Reservation:
 
 
 class _WindowLog:
-    """The reservations of the last WINDOW_S + WINDOW_SLACK_S seconds."""
+    """The reservations of the last WINDOW_S + `slack_s` seconds."""
 
     def __init__(self) -> None:
+        self.slack_s = WINDOW_SLACK_S
         self.entries: deque[Reservation] = deque()
         self.tokens = 0
         self.requests = 0
@@ -83,7 +84,7 @@ class _WindowLog:
         self.requests += reservation.requests
 
     def expire(self, now: float) -> None:
-        while self.entries and self.entries[0].at + WINDOW_S + WINDOW_SLACK_S <= now + TIMER_EARLY_S:
+        while self.entries and self.entries[0].at + WINDOW_S + self.slack_s <= now + TIMER_EARLY_S:
             gone = self.entries.popleft()
             self.tokens -= gone.tokens
             self.requests -= gone.requests
@@ -107,8 +108,8 @@ class _WindowLog:
             used, count = used - entry.tokens, count - entry.requests
             is_empty = n == len(self.entries) and ahead is None
             if is_empty or (used + tokens <= token_cap and count + 1 <= request_cap):
-                return entry.at + WINDOW_S + WINDOW_SLACK_S - now
-        return WINDOW_S + WINDOW_SLACK_S  # it must wait for the request booked ahead of it to leave
+                return entry.at + WINDOW_S + self.slack_s - now
+        return WINDOW_S + self.slack_s  # it must wait for the request booked ahead of it to leave
 
 
 class _Ramp:
@@ -158,8 +159,6 @@ class Limits:
         # when requests, not tokens, are the scarce budget
         self._per_second = AsyncLimiter(max(1.0, requests_per_minute / 60), 1.0)
         self._resume_at = 0.0
-        self._share = 1.0
-        self._share_at = now
         self.pauses = 0
         self.paused_s = 0.0
         self._closed = False
@@ -286,20 +285,14 @@ class Limits:
 
     def _wait_s(self, now: float, tokens: int, ahead: int | None = None) -> float:
         """How long a request of `tokens` must wait; `ahead`: with one more request booked now before it."""
-        share = self._current_share(now)
-        token_cap = self.tokens_per_minute / WINDOWS_PER_MINUTE * share
-        request_cap = max(1.0, self.requests_per_minute / WINDOWS_PER_MINUTE * share)
+        token_cap = self.tokens_per_minute / WINDOWS_PER_MINUTE
+        request_cap = max(1.0, self.requests_per_minute / WINDOWS_PER_MINUTE)
         return max(
             self._resume_at - now,
             self._log.wait_s(now, tokens, token_cap, request_cap, ahead),
             self._token_ramp.wait_s(now, ahead or 0),
             self._request_ramp.wait_s(now, 0 if ahead is None else 1),
         )
-
-    def _current_share(self, now: float) -> float:
-        grown = self._share + (now - self._share_at) * (1 - MIN_SHARE) / RECOVERY_S
-        self._share, self._share_at = min(1.0, grown), now
-        return self._share
 
     def settle(self, reservation: Reservation, tokens: int) -> None:
         """Correct a reservation with what the server billed (prompt tokens + max_tokens)."""
@@ -310,15 +303,17 @@ class Limits:
             self._admit()  # a smaller bill may make room now
 
     def pause(self, wait_s: float) -> None:
-        """A 429: admit nothing for `wait_s` seconds, then resume gradually at a reduced budget."""
+        """A 429: admit nothing for exactly `wait_s` seconds. After a hold of a window or more the window
+        is empty, as at the start: admissions then ramp up again rather than go in one burst."""
         if self._closed:
             return  # nothing will be sent again: a pause would only be counted
-        now = self._loop.time()
         self.hold(wait_s)
         self.pauses += 1
-        self._share = max(MIN_SHARE, self._current_share(now) * BACKOFF_FACTOR)
-        self._token_ramp = _Ramp(self._token_ramp.per_s, self._resume_at)
-        self._request_ramp = _Ramp(self._request_ramp.per_s, self._resume_at)
+        if wait_s < MAX_WINDOW_SLACK_S:
+            self._log.slack_s = min(MAX_WINDOW_SLACK_S, self._log.slack_s + wait_s)
+        if wait_s >= WINDOW_S:
+            self._token_ramp = _Ramp(self._token_ramp.per_s, self._resume_at)
+            self._request_ramp = _Ramp(self._request_ramp.per_s, self._resume_at)
         if self._waiting:
             self._admit()
 
@@ -342,8 +337,7 @@ class Limits:
         """The share of this window's token budget not yet booked, 0..1: how the pool breaks ties."""
         now = self._loop.time()
         self._log.expire(now)
-        token_cap = self.tokens_per_minute / WINDOWS_PER_MINUTE * self._current_share(now)
-        return max(0.0, 1.0 - self._log.tokens / token_cap)
+        return max(0.0, 1.0 - self._log.tokens / (self.tokens_per_minute / WINDOWS_PER_MINUTE))
 
     @property
     def is_paused(self) -> bool:
@@ -352,12 +346,11 @@ class Limits:
     def observe(self, headers: Mapping[str, str]) -> None:
         """Book quota that others use, as told by x-ratelimit-remaining-* (per-minute figures).
 
-        What the server counts beyond our own reservations is someone else's. It is booked spread evenly
-        over the last window, so it leaves our log as the others' requests leave the server's window (a
-        steady co-tenant's do so evenly); booked at once it would all leave at once 10 s later, and the
-        room we then saw all at once would draw 429s. Each answer replaces the estimate of the one before;
-        none of it leaves for OTHERS_HOLD_S, and OTHERS_MARGIN_SHARE of the window is kept free of ours
-        while others use it (see bench/pool.py, the shared case).
+        What the server counts beyond our own reservations is someone else's: it is booked now, as one
+        entry that leaves the window in 10 s unless the next answer replaces it with a fresh figure (so it
+        does not leave all at once while they keep sending). OTHERS_MARGIN_SHARE of the window is kept
+        free of ours on top while others use it: they send between our answers, and a full window has no
+        room for that (see bench/pool.py, the shared case).
         """
         now = self._loop.time()
         self._log.expire(now)
@@ -374,16 +367,10 @@ class Limits:
             return  # nothing booked for others, nothing to book
         if unseen_tokens:
             unseen_tokens += int(self.tokens_per_minute / WINDOWS_PER_MINUTE * OTHERS_MARGIN_SHARE)
-        spread = []
-        for k in range(OTHERS_SPREAD):
-            tokens = unseen_tokens * (k + 1) // OTHERS_SPREAD - unseen_tokens * k // OTHERS_SPREAD
-            requests = unseen_requests * (k + 1) // OTHERS_SPREAD - unseen_requests * k // OTHERS_SPREAD
-            if tokens or requests:
-                at = now - WINDOW_S + OTHERS_HOLD_S + k * (WINDOW_S - OTHERS_HOLD_S) / (OTHERS_SPREAD - 1)
-                spread.append(Reservation(at, tokens, requests, is_others=True))
-        self._log.entries = deque(heapq.merge(own, spread, key=lambda entry: entry.at))
-        self._log.tokens = own_tokens + unseen_tokens
-        self._log.requests = own_requests + unseen_requests
+        self._log.entries = deque(own)
+        self._log.tokens, self._log.requests = own_tokens, own_requests
+        if unseen_tokens or unseen_requests:
+            self._log.add(Reservation(now, unseen_tokens, unseen_requests, is_others=True))
         if self._waiting:
             self._admit()  # less booked for others than before may leave room now
 
