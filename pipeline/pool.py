@@ -83,7 +83,7 @@ class Member:
             return False
         return not self.is_tripped or (now >= self.open_until and not self.is_probing)
 
-    def is_in_service(self, now: float) -> bool:
+    def is_in_service(self) -> bool:
         return self.out_because is None and not self.is_tripped
 
     def held_until(self) -> float:
@@ -277,7 +277,7 @@ class Pool:
         if member.out_because is not None or (member.is_tripped and not member.is_probing):
             return True  # lost on an endpoint already taken out
         member.failures += 1
-        others = any(m.is_in_service(now) for m in self.members if m is not member)
+        others = any(m.is_in_service() for m in self.members if m is not member)
         if not others:
             member.is_tripped = member.is_probing = False  # nowhere else to go: back off as one endpoint does
             return False
@@ -366,6 +366,15 @@ class Pool:
                     raise NotSent(row_id)
                 if self._aborted is not None:
                     raise self._aborted
+                left = [m for m in self.members if m.out_because is None]
+                if not any(m.client.limits.admits(tokens) for m in left):
+                    raise ApiError(
+                        row_id,
+                        f"needs {tokens} tokens, more than the minute's budget of any endpoint left "
+                        f"({', '.join(m.name for m in left)}); not sent",
+                        status=None,
+                        kind=ErrorKind.OVER_BUDGET,
+                    )
                 now = self._loop.time()
                 for member in [m for m in offers if not m.takes_new(now)]:
                     member.client.limits.withdraw(offers.pop(member))

@@ -194,6 +194,7 @@ class RunProgress:
     invalid_output: int = 0  # structured answers that are not JSON, not valid, or cut at max_tokens
     spend_usd: float | None = None  # what the run's requests cost so far, as the spend cap counts it
     max_cost_usd: float | None = None  # the spend cap, when one is set
+    endpoints: tuple[EndpointCounters, ...] = ()  # per endpoint of the pool
 
     @property
     def rows_done(self) -> int:

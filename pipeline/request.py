@@ -11,8 +11,8 @@ Refusals, checked in this order, each a ``RowError`` of its own kind, found befo
 
 - ``too_many_images``: more images than the service takes in one request;
 - ``over_context``: the prompt and ``max_tokens`` together exceed the model's context;
-- ``over_budget``: the reservation (prompt + ``max_tokens``) is more than the minute's token budget, so
-  the limiter could never admit it.
+- ``over_budget``: the reservation (prompt + ``max_tokens``) is more than the minute's token budget (of
+  the largest endpoint of a pool), so no limiter could ever admit it.
 
 What the limiter reserves differs from what the service bills in one case only: an http(s) image sent
 as a URL is reserved at the most an image of its detail can cost, since the run never knows its size
@@ -126,12 +126,15 @@ def refusal_of(plan: RequestPlan, cfg: RunConfig) -> RowError | None:
             f"the {context:,}-token context of {cfg.endpoint.model}; not sent"
         )
         return RowError(row_id, reason, kind=ErrorKind.OVER_CONTEXT)
-    tokens_per_minute = cfg.limits.tokens_per_minute
+    tokens_per_minute = cfg.largest_tokens_per_minute  # a request must fit one endpoint's minute
     if plan.reserve_tokens > tokens_per_minute:
         prompt = plan.reserve_tokens - max_tokens
+        setting = (
+            "endpoints[].tokens_per_minute (the largest)" if cfg.endpoints else "limits.tokens_per_minute"
+        )
         reason = (
             f"needs {plan.reserve_tokens} tokens (prompt {prompt} + max_tokens {max_tokens}), more "
-            f"than limits.tokens_per_minute = {tokens_per_minute}; not sent"
+            f"than {setting} = {tokens_per_minute}; not sent"
         )
         return RowError(row_id, reason, kind=ErrorKind.OVER_BUDGET)
     return None

@@ -436,6 +436,7 @@ class _Stages:
             tokens_per_minute=self.cfg.limits.tokens_per_minute,
             spend_usd=self.budget.spent_usd if self.captioner.price else None,
             max_cost_usd=self.budget.max_cost_usd,
+            endpoints=counters.endpoints,
         )
 
     async def count_total(self) -> None:
