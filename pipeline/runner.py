@@ -16,7 +16,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import AsyncIterator, Container
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
@@ -38,6 +38,7 @@ from pipeline.exits import (
     EXIT_ROW_ERRORS,
     EXIT_USAGE,
 )
+from pipeline.idset import IdSet
 from pipeline.images import image_threads, reuse_freed_image_memory
 from pipeline.journal import JOURNAL_DIR, Journal, Recovered, recover
 from pipeline.limits import Limits
@@ -212,7 +213,7 @@ def _rows_left(cfg: RunConfig, options: RunOptions) -> int:
     """Manifest rows not committed in the output (each id once), for the budget's stop message. Blocking."""
     committed = checkpoint.committed_ids(options.output)
     seen: set[str] = set()
-    for item in read_manifest(options.manifest, cfg.request, committed):
+    for item in read_manifest(options.manifest, cfg.request, committed, group_skipped=True):
         if not isinstance(item, Skipped):
             seen.add(item.row_id)
     return len(seen)
@@ -254,7 +255,7 @@ class _Stages:
         captioner: Captioner,
         budget: Budget,
         sink: Sink,
-        prior: Container[str],
+        prior: IdSet,
     ) -> None:
         self.cfg = cfg
         self.options = options
@@ -428,8 +429,8 @@ class _Stages:
         async for item in _stream_manifest(self.options.manifest, self.cfg, self.prior):
             if self.stopping.is_set() or (limit is not None and len(self.taken) >= limit):
                 break
-            if isinstance(item, Skipped) or item.row_id in self.prior:
-                self.tally.skipped += 1
+            if isinstance(item, Skipped):  # the reader looked every id up in self.prior
+                self.tally.skipped += item.rows
                 continue
             if item.row_id in self.taken:
                 self.tally.duplicates += 1
@@ -459,10 +460,10 @@ class _Stages:
 
 
 async def _stream_manifest(
-    path: Path, cfg: RunConfig, skip: Container[str]
+    path: Path, cfg: RunConfig, skip: IdSet
 ) -> AsyncIterator[ImageTask | ManifestError | Skipped]:
     """The manifest's rows, read in a thread a batch at a time so the loop never waits on the disk."""
-    rows = read_manifest(path, cfg.request, skip)
+    rows = read_manifest(path, cfg.request, skip, group_skipped=True)
     while batch := await asyncio.to_thread(lambda: list(islice(rows, MANIFEST_BATCH_ROWS))):
         for item in batch:
             yield item
