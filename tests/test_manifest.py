@@ -455,3 +455,61 @@ def test_rows_whose_id_is_in_skip_come_as_markers_without_parsing(tmp_path):
 
     assert items[0] == Skipped("done", 2)
     assert isinstance(items[1], ImageTask) and items[1].row_id == "new"
+
+
+def test_grouped_skipping_counts_committed_csv_rows_in_blocks_and_keeps_the_others_lines(tmp_path):
+    """A resumed run gets runs of committed rows as one marker each; the rows between keep their lines."""
+    from pipeline.idset import IdSet
+
+    rows = [["id", "image"], *([f"r{n}", f"{n}.jpg"] for n in range(1000))]
+    rows[501] = ["  r500 ", "500.jpg"]  # blanks around a committed id: the parser strips them
+    path = write_csv(tmp_path / "m.csv", rows)  # csv.writer ends lines with \r\n
+    path.write_bytes(path.read_bytes() + b"new,caf\xe9.jpg\r\nlast,z.jpg")
+    committed = IdSet(f"r{n}" for n in range(1000) if n not in (10, 700))
+
+    items = list(read_manifest(path, REQUEST, committed, group_skipped=True))
+
+    served = [(item.row_id, item.line) for item in items if not isinstance(item, Skipped)]
+    assert served == [("r10", 12), ("r700", 702), ("new", 1002), ("last", 1003)]
+    assert sum(item.rows for item in items if isinstance(item, Skipped)) == 998
+    assert "byte 0xe9 at byte offset" in str(items[-2])
+    offset = int(str(items[-2]).split("byte offset ")[1].split(":")[0])
+    assert path.read_bytes()[offset] == 0xE9
+
+
+@pytest.mark.parametrize("block_bytes", [64, 1024 * 1024])
+def test_grouped_skipping_gives_the_same_rows_as_one_marker_per_row(tmp_path, monkeypatch, block_bytes):
+    """Small blocks mix quote-free blocks (checked whole) with blocks holding multi-line cells."""
+    import pipeline.manifest_text
+
+    monkeypatch.setattr(pipeline.manifest_text, "BLOCK_BYTES", block_bytes)
+    rows = [
+        ["id", "image", "prompt"],
+        *([f"r{n}", f"{n}.jpg", "a\nb" if n % 50 == 0 else "p"] for n in range(300)),
+    ]
+    path = write_csv(tmp_path / "m.csv", rows)
+    committed = {f"r{n}" for n in range(300) if n % 3}
+
+    one_by_one = list(read_manifest(path, REQUEST, committed))
+    grouped = list(read_manifest(path, REQUEST, committed, group_skipped=True))
+
+    def served(items):
+        return [item for item in items if not isinstance(item, Skipped)]
+
+    assert served(grouped) == served(one_by_one) and len(served(one_by_one)) == 100
+    assert sum(item.rows for item in grouped if isinstance(item, Skipped)) == 200
+    assert all(item.rows == 1 for item in one_by_one if isinstance(item, Skipped))
+
+
+def test_grouped_skipping_of_a_parquet_manifest_counts_committed_rows_without_parsing_them(tmp_path):
+    path = tmp_path / "m.parquet"
+    ids = [f"r{n}" for n in range(3000)]
+    pq.write_table(pa.table({"id": ids, "image": [f"{n}.jpg" for n in range(3000)]}), path)
+
+    items = list(read_manifest(path, REQUEST, set(ids) - {"r5", "r2500"}, group_skipped=True))
+
+    assert [(item.row_id, item.line) for item in items if isinstance(item, ImageTask)] == [
+        ("r5", 6),
+        ("r2500", 2501),
+    ]
+    assert sum(item.rows for item in items if isinstance(item, Skipped)) == 2998
