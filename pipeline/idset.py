@@ -22,6 +22,7 @@ class IdSet:
     def __init__(self, row_ids: Iterable[str] = ()) -> None:
         self._sorted: pa.Array = pa.array([], pa.binary())
         self._added: list[pa.Array] = []
+        self._repeats = 0
         ids = list(row_ids)
         if ids:
             self.add_column(pa.array(ids, pa.string()))
@@ -39,9 +40,19 @@ class IdSet:
             needles = needles.combine_chunks()
         if not len(values) or not len(needles):
             return pa.array([False] * len(needles), pa.bool_())
-        at = pc.search_sorted(values, needles)
-        is_inside = pc.less(at, len(values))
-        found = values.take(pc.if_else(is_inside, at, 0))
+        bounds = pc.min_max(needles)
+        if not bounds["min"].is_valid:  # only null ids
+            return pa.array([False] * len(needles), pa.bool_())
+        # Search only the stretch between the block's least and greatest id: a block of a manifest in
+        # the order its rows were committed meets a few thousand neighbouring ids, not all of them.
+        low = pc.search_sorted(values, bounds["min"]).as_py()
+        high = pc.search_sorted(values, bounds["max"], side="right").as_py()
+        window = values.slice(low, high - low)
+        if not len(window):
+            return pa.array([False] * len(needles), pa.bool_())
+        at = pc.search_sorted(window, needles)
+        is_inside = pc.less(at, len(window))
+        found = window.take(pc.if_else(is_inside, at, 0))
         return pc.fill_null(pc.and_(is_inside, pc.equal(found, needles)), False)
 
     def __contains__(self, row_id: object) -> bool:
@@ -51,6 +62,12 @@ class IdSet:
 
     def __len__(self) -> int:
         return len(self._values())
+
+    @property
+    def repeats(self) -> int:
+        """Ids added more than once, counted once per extra copy (rows a retry superseded)."""
+        self._values()
+        return self._repeats
 
     def difference_update(self, row_ids: Iterable[str]) -> None:
         """Remove `row_ids` from the set, in place (a copy of a million ids would cost tens of MB)."""
@@ -70,6 +87,7 @@ class IdSet:
                 is_new = pc.not_equal(values.slice(1), values.slice(0, len(values) - 1))
                 if not pc.all(is_new).as_py():
                     values = values.filter(pa.concat_arrays([pa.array([True]), is_new]))
+                    self._repeats += len(is_new) + 1 - len(values)
             self._sorted = values
         return self._sorted
 

@@ -13,6 +13,7 @@ run of committed lines becomes one ``Skipped`` marker; only the other lines are 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections import deque
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 
 from pipeline.config import RequestConfig
 from pipeline.idset import IdSet
@@ -31,6 +33,7 @@ from pipeline.records import ConfigError, ImageTask, ManifestError
 BLOCK_BYTES = 1024 * 1024  # read at a time; a block ends at a line's end
 CSV_FIELD_LIMIT_CHARS = 64 * 1024 * 1024  # a data URL of a 20 MB image in one cell; csv's default is 128 KiB
 UTF8_BOM = b"\xef\xbb\xbf"
+PLAIN_CSV = pa_csv.ParseOptions(quote_char=False, newlines_in_values=False, ignore_empty_lines=False)
 WIDE_BOMS = {b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16"}  # UTF-32 LE starts like UTF-16 LE
 
 
@@ -86,45 +89,56 @@ class _Lines:
 
     def fill(self) -> bool:
         """Queue the next block's lines; False at the end of the file."""
-        block = self.read_block()
+        block = self._f.readline() if self.number == 0 else self.read_block()  # the header on its own
         self.pending.extend(block.splitlines(keepends=True))  # \n, \r\n and a lone \r, as csv expects
         return bool(block)
 
-    def fill_skipping(self, skip: IdSet, id_index: int, columns: int) -> bool:
+    def fill_skipping(self, skip: IdSet, header: list[str]) -> bool:
         """Like ``fill``, with each run of committed one-line rows queued as one _Gap. Call only between
-        records. A block with a quote (a record may span lines) or a lone \\r is queued whole."""
+        records. A block with a quote (a record may span lines), a lone \\r, a blank line or a line of
+        another number of cells is queued whole, for the parser to judge line by line."""
         block = self.read_block()
         if not block:
             return False
-        if b'"' in block or block.count(b"\r") != block.count(b"\r\n"):
-            self.pending.extend(block.splitlines(keepends=True))
-            return True
-        lines = pc.split_pattern(pa.array([block], pa.binary()), b"\n").flatten()
-        if block.endswith(b"\n"):
-            lines = lines.slice(0, len(lines) - 1)  # the empty piece after the last newline
-        committed = _committed_lines(lines, skip, id_index, columns)
-        ends = pc.cumulative_sum(pc.add(pc.binary_length(lines), 1))  # each line's end, its \n included
-        kept = pc.indices_nonzero(pc.invert(committed)).to_pylist()
-        previous = -1  # the last line queued
-        for index in [*kept, len(lines)]:
-            if index - previous > 1:
-                start = ends[previous].as_py() if previous >= 0 else 0
-                self.pending.append(_Gap(index - previous - 1, ends[index - 1].as_py() - start))
-            if index < len(lines):
-                has_newline = index < len(lines) - 1 or block.endswith(b"\n")
-                self.pending.append(lines[index].as_py() + (b"\n" if has_newline else b""))
-            previous = index
+        lines = block.splitlines(keepends=True)
+        self.pending.extend(_gapped(lines, _committed_lines(block, skip, header, len(lines))))
         return True
 
 
-def _committed_lines(lines: pa.Array, skip: IdSet, id_index: int, columns: int) -> pa.BooleanArray:
-    """Whether each quote-free CSV line has exactly `columns` cells and a committed id, exactly as
-    written (an id with blanks around it is left to the parser, which strips it)."""
-    trimmed = pc.replace_substring_regex(lines, r"\r$", "")
-    has_columns = pc.equal(pc.count_substring(trimmed, ","), columns - 1)
-    padded = pc.binary_join_element_wise(trimmed, b"," * columns, b"")  # every line has the id's cell
-    ids = pc.list_element(pc.split_pattern(padded, ","), id_index)
-    return pc.and_(has_columns, skip.contains_each(ids))
+def _committed_lines(block: bytes, skip: IdSet, header: list[str], lines: int) -> pa.BooleanArray | None:
+    """Whether each line of `block` is a one-line row with a committed id exactly as written (an id
+    with blanks around it is left to the parser, which strips it); None when the block is not plain
+    one row a line. Arrow's CSV parser cuts out the id column without a Python object per row."""
+    if b'"' in block or block.count(b"\r") != block.count(b"\r\n"):
+        return None
+    try:
+        ids = pa_csv.read_csv(
+            io.BytesIO(block),
+            read_options=pa_csv.ReadOptions(
+                column_names=header, use_threads=False, block_size=len(block) + 1
+            ),
+            parse_options=PLAIN_CSV,
+            convert_options=pa_csv.ConvertOptions(
+                column_types={"id": pa.binary()}, include_columns=["id"], strings_can_be_null=False
+            ),
+        ).column("id")
+    except pa.ArrowInvalid:  # a blank line or a line of other cells: the parser says which
+        return None
+    return skip.contains_each(ids) if len(ids) == lines else None
+
+
+def _gapped(lines: list[bytes], committed: pa.BooleanArray | None) -> Iterator[bytes | _Gap]:
+    """`lines` with each run of consecutive committed lines replaced by one _Gap."""
+    if committed is None or not committed.true_count:
+        yield from lines
+        return
+    done = 0  # lines of `lines` handed on
+    for kept in [*pc.indices_nonzero(pc.invert(committed)).to_pylist(), len(lines)]:
+        if kept > done:
+            yield _Gap(kept - done, sum(map(len, lines[done:kept])))
+        if kept < len(lines):
+            yield lines[kept]
+        done = kept + 1
 
 
 def read_csv(
@@ -146,7 +160,7 @@ def read_csv(
         while True:
             if is_skipping and not lines.pending:
                 assert skip is not None
-                if not lines.fill_skipping(skip, header.index("id"), len(header)):
+                if not lines.fill_skipping(skip, header):
                     return
             while lines.pending and isinstance(gap := lines.pending[0], _Gap):
                 lines.pending.popleft()
