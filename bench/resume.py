@@ -17,9 +17,10 @@ and prints the median of each. The targets (issue 12) are start-up ≤ 2 s and p
 
 The new rows are placed `--new-at end` (the manifest grew: every committed row is read and skipped before
 the first new one, the worst case) or `--new-at start`. A breakdown of where the time and memory go is
-measured in a fresh interpreter: imports, checkpoint.committed_ids (a sorted Arrow array), streaming
-the manifest past the committed rows (grouped, a block at a time, as the run does), and the first
-token count (which builds the BPE encoding).
+measured in a fresh interpreter, one step after the other: imports, checkpoint.committed_ids (a sorted
+Arrow array), streaming the manifest past the committed rows (grouped, a block at a time, as the run
+does), and building the BPE encoding (importing bpe_openai reads all its tables), which the run does
+in a thread while it reads the output and the manifest.
 """
 
 from __future__ import annotations
@@ -260,20 +261,18 @@ def step(name, fn):
 output, manifest, config = map(Path, sys.argv[1:4])
 step("import pyarrow(.parquet, .dataset), aiohttp, PIL", lambda: [__import__(m) for m in
      ("pyarrow.parquet", "pyarrow.dataset", "aiohttp", "PIL.Image")])
-step("import bpe_openai (its Rust tables load at import)", lambda: __import__("bpe_openai"))
-step("import pipeline.runner (the rest)", lambda: __import__("pipeline.runner"))
+step("import pipeline.runner (the rest; no tokenizer yet)", lambda: __import__("pipeline.runner"))
 from pipeline import checkpoint
 from pipeline.config import load_config
 from pipeline.manifest import Skipped, read_manifest
-from pipeline.tokens import count_prompt_tokens
+from pipeline.tokens import load_encoding
 cfg = load_config(config)
 ids = step("checkpoint.committed_ids (a sorted Arrow array)", lambda: checkpoint.committed_ids(output))
 def scan():
     return sum(1 for item in read_manifest(manifest, cfg.request, ids, group_skipped=True)
                if not isinstance(item, Skipped))
 step("read_manifest: committed rows skipped a block at a time", scan)
-messages = [{"role": "user", "content": [{"type": "text", "text": cfg.request.prompt}]}]
-step("first count_prompt_tokens (loads the BPE encoding)", lambda: count_prompt_tokens(messages, [], cfg.endpoint.model))
+step("tokens.load_encoding (the run does it in a thread meanwhile)", lambda: load_encoding(cfg.endpoint.model))
 """
 
 

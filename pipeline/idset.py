@@ -14,6 +14,8 @@ from collections.abc import Iterable
 import pyarrow as pa
 import pyarrow.compute as pc
 
+HASH_WINDOW_FACTOR = 4  # up to this many stretch ids per asked id, a hash lookup; beyond, a binary search
+
 
 class IdSet:
     """Ids as UTF-8 bytes in ascending order, each once. Columns are added unsorted and sorted once,
@@ -50,6 +52,8 @@ class IdSet:
         window = values.slice(low, high - low)
         if not len(window):
             return pa.array([False] * len(needles), pa.bool_())
+        if len(window) <= HASH_WINDOW_FACTOR * len(needles):  # hashing a narrow stretch beats searching
+            return pc.fill_null(pc.is_in(needles, value_set=window), False)
         at = pc.search_sorted(window, needles)
         is_inside = pc.less(at, len(window))
         found = window.take(pc.if_else(is_inside, at, 0))

@@ -100,16 +100,15 @@ class _Lines:
         block = self.read_block()
         if not block:
             return False
-        lines = block.splitlines(keepends=True)
-        self.pending.extend(_gapped(lines, _committed_lines(block, skip, header, len(lines))))
+        self.pending.extend(_gapped(block, _committed_lines(block, skip, header)))
         return True
 
 
-def _committed_lines(block: bytes, skip: IdSet, header: list[str], lines: int) -> pa.BooleanArray | None:
+def _committed_lines(block: bytes, skip: IdSet, header: list[str]) -> pa.BooleanArray | None:
     """Whether each line of `block` is a one-line row with a committed id exactly as written (an id
     with blanks around it is left to the parser, which strips it); None when the block is not plain
     one row a line. Arrow's CSV parser cuts out the id column without a Python object per row."""
-    if b'"' in block or block.count(b"\r") != block.count(b"\r\n"):
+    if b'"' in block or (b"\r" in block and block.count(b"\r") != block.count(b"\r\n")):
         return None
     try:
         ids = pa_csv.read_csv(
@@ -124,11 +123,16 @@ def _committed_lines(block: bytes, skip: IdSet, header: list[str], lines: int) -
         ).column("id")
     except pa.ArrowInvalid:  # a blank line or a line of other cells: the parser says which
         return None
+    lines = block.count(b"\n") + (not block.endswith(b"\n"))  # no lone \r: \n ends every line
     return skip.contains_each(ids) if len(ids) == lines else None
 
 
-def _gapped(lines: list[bytes], committed: pa.BooleanArray | None) -> Iterator[bytes | _Gap]:
-    """`lines` with each run of consecutive committed lines replaced by one _Gap."""
+def _gapped(block: bytes, committed: pa.BooleanArray | None) -> Iterator[bytes | _Gap]:
+    """The lines of `block` with each run of consecutive committed lines replaced by one _Gap."""
+    if committed is not None and committed.true_count == len(committed):
+        yield _Gap(len(committed), len(block))  # the usual block of a resume: nothing to split
+        return
+    lines = block.splitlines(keepends=True)  # \n, \r\n and a lone \r, as csv expects
     if committed is None or not committed.true_count:
         yield from lines
         return

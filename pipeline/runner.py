@@ -63,6 +63,7 @@ from pipeline.results import manifest_failure
 from pipeline.sink import STATS_FILE, Sink, write_json_atomic
 from pipeline.structured import Structured, check_manifest_columns, load_structured
 from pipeline.summary import RunSummary, Tally, latency_percentiles, summary_as_dict
+from pipeline.tokens import load_encoding
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,9 @@ async def _run_locked(
 ) -> RunSummary:
     loop = asyncio.get_running_loop()
     started_at, started = time.time(), loop.time()
+    # ~1 s of building the text encoding, in a thread while the output and the manifest are read;
+    # the producer waits for it before the first row goes to a worker
+    encoding_ready = loop.run_in_executor(None, load_encoding, cfg.endpoint.model)
     recovered = Recovered()
     if (options.output / JOURNAL_DIR).is_dir():  # a run before this one was killed: commit what it paid for
         recovered = await asyncio.to_thread(recover, options.output)
@@ -149,11 +153,12 @@ async def _run_locked(
         typed = () if structured is None else structured.columns
         journal = Journal(options.output, run_id, typed)
         sink = Sink(options.output, cfg.output, run_id, journal=journal, typed_columns=typed)
-        stages = _Stages(cfg, options, captioner, budget, sink, resume.skip)
+        stages = _Stages(cfg, options, captioner, budget, sink, resume.skip, encoding_ready)
         try:
             await stages.run()
         finally:  # rows still buffered (the output could not be written) stay journalled for the next run
             await asyncio.to_thread(journal.close, is_all_committed=sink.buffered_rows == 0)
+    await encoding_ready  # done by now; a failure to build it is not left unseen
     if stages.stop_code == EXIT_BUDGET:
         left = await asyncio.to_thread(_rows_left, cfg, options)
         stages.stopped_because = (
@@ -256,6 +261,7 @@ class _Stages:
         budget: Budget,
         sink: Sink,
         prior: IdSet,
+        encoding_ready: asyncio.Future[None],
     ) -> None:
         self.cfg = cfg
         self.options = options
@@ -264,6 +270,7 @@ class _Stages:
         self.budget = budget
         self.sink = sink
         self.prior = prior  # ids committed by earlier runs; read by the manifest's thread, never changed
+        self.encoding_ready = encoding_ready  # the text encoding the workers' token counts need
         self.taken: set[str] = set()  # ids taken up in this run, to tell duplicates from resumed rows
         self.tally = Tally()
         self.queue: asyncio.Queue[ImageTask | None] = asyncio.Queue(
@@ -441,6 +448,7 @@ class _Stages:
                 log.warning("%s", item)
                 await self.commit(manifest_failure(item, self.cfg))
             else:
+                await self.encoding_ready  # counting tokens in a worker would otherwise block the loop
                 await self.queue.put(item)  # waits while the workers are busy: back-pressure
         for _ in range(self.cfg.limits.concurrency):
             await self.queue.put(None)
