@@ -1,14 +1,16 @@
 """Streaming the rows of a manifest (CSV, JSONL, Parquet, or a folder of images) into ImageTasks.
 
-Rows are read one at a time (Parquet in batches of 1024), so a manifest of any length takes the same
-memory. A bad row becomes a ManifestError yielded in its place, never an exception: the run commits it
-as a failed row and goes on. Only a manifest that cannot be read at all raises ConfigError.
+Rows are read a block at a time (1 MiB of CSV or JSONL text, see manifest_text.py; 1024 Parquet rows),
+so a manifest of any length takes the same memory. A bad row becomes a ManifestError yielded in its
+place, never an exception: the run commits it as a failed row and goes on. Only a manifest that cannot
+be read at all raises ConfigError. How a row's columns become an ImageTask is manifest_rows.py's job.
 
 Columns (CSV header, JSON keys, Parquet fields):
 
 - ``id``: optional. When absent or empty it is derived from the image references, so the same row gets
   the same id on every run: ``img-`` + the first 16 hex digits of sha256 of the references joined by
-  newlines. A row whose id cannot be known at all is called ``line-<line>``.
+  newlines. A row whose id cannot be known at all (a bad line, or a line that is not UTF-8 in its id
+  and image cells) is called ``line-<line>``.
 - ``image``: one path (relative to the manifest's folder) or http(s)/data URL; or ``images``: a list of
   them (in CSV a JSON array, e.g. ``["a.jpg", "b.jpg"]``); the request plan refuses more than the
   service takes in one request.
