@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Container
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
@@ -27,7 +26,7 @@ from pipeline import checkpoint
 from pipeline.budget import Budget
 from pipeline.captioner import Captioner
 from pipeline.client import sent_tracing
-from pipeline.config import EndpointConfig, RunConfig, api_key_of
+from pipeline.config import RunConfig, api_key_of
 from pipeline.exits import (
     EXIT_BUDGET,
     EXIT_INTERRUPTED,
@@ -37,6 +36,7 @@ from pipeline.exits import (
     EXIT_ROW_ERRORS,
     EXIT_USAGE,
 )
+from pipeline.idset import IdSet
 from pipeline.images import image_threads, reuse_freed_image_memory
 from pipeline.journal import JOURNAL_DIR, Journal, Recovered, recover
 from pipeline.manifest import Skipped, count_rows, manifest_base_dir, manifest_columns, read_manifest
@@ -68,6 +68,7 @@ from pipeline.summary import (
     latency_percentiles,
     summary_as_dict,
 )
+from pipeline.tokens import load_encoding
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,9 @@ async def _run_locked(
 ) -> RunSummary:
     loop = asyncio.get_running_loop()
     started_at, started = time.time(), loop.time()
+    # ~1 s of building the text encoding, in a thread while the output and the manifest are read;
+    # the producer waits for it before the first row goes to a worker
+    encoding_ready = loop.run_in_executor(None, load_encoding, cfg.endpoint.model)
     recovered = Recovered()
     if (options.output / JOURNAL_DIR).is_dir():  # a run before this one was killed: commit what it paid for
         recovered = await asyncio.to_thread(recover, options.output)
@@ -141,7 +145,10 @@ async def _run_locked(
                "output": str(options.output), "committed": len(resume.skip), "retrying": resume.retrying},
     )  # fmt: skip
     async with contextlib.AsyncExitStack() as stack:
-        cfg = await _start_emulators(cfg, keys, stack)
+        if any(m.endpoint.provider == "emulator" for m in cfg.pool):
+            from pipeline.emulator.for_run import start_emulators  # only this provider needs the server
+
+            cfg = await start_emulators(cfg, keys, stack)
         connector = aiohttp.TCPConnector(limit=cfg.limits.concurrency)
         session = await stack.enter_async_context(
             aiohttp.ClientSession(connector=connector, trace_configs=[sent_tracing()])
@@ -158,11 +165,12 @@ async def _run_locked(
         typed = () if structured is None else structured.columns
         journal = Journal(options.output, run_id, typed)
         sink = Sink(options.output, cfg.output, run_id, journal=journal, typed_columns=typed)
-        stages = _Stages(cfg, options, captioner, budget, sink, resume.skip)
+        stages = _Stages(cfg, options, captioner, budget, sink, resume.skip, encoding_ready)
         try:
             await stages.run()
         finally:  # rows still buffered (the output could not be written) stay journalled for the next run
             await asyncio.to_thread(journal.close, is_all_committed=sink.buffered_rows == 0)
+    await encoding_ready  # done by now; a failure to build it is not left unseen
     if stages.stop_code == EXIT_BUDGET:
         left = await asyncio.to_thread(_rows_left, cfg, options)
         stages.stopped_because = (
@@ -225,7 +233,7 @@ def _rows_left(cfg: RunConfig, options: RunOptions) -> int:
     """Manifest rows not committed in the output (each id once), for the budget's stop message. Blocking."""
     committed = checkpoint.committed_ids(options.output)
     seen: set[str] = set()
-    for item in read_manifest(options.manifest, cfg.request, committed):
+    for item in read_manifest(options.manifest, cfg.request, committed, group_skipped=True):
         if not isinstance(item, Skipped):
             seen.add(item.row_id)
     return len(seen)
@@ -239,37 +247,6 @@ def _price_or_none(cfg: RunConfig) -> Price | None:
         return None
 
 
-async def _start_emulators(
-    cfg: RunConfig, keys: dict[str, str | None], stack: contextlib.AsyncExitStack
-) -> RunConfig:
-    """`cfg` with each endpoint of provider "emulator" pointed at an emulator of its own, started here."""
-    if all(m.endpoint.provider != "emulator" for m in cfg.pool):
-        return cfg
-    from pipeline.emulator import Emulator  # only this provider needs the server code
-
-    started: list[EndpointConfig] = []
-    for member in cfg.pool:
-        endpoint = member.endpoint
-        if endpoint.provider == "emulator":
-            deployment = endpoint.deployment or "gpt-4-vision"
-            emulator = await stack.enter_async_context(
-                Emulator(
-                    cfg.emulator,
-                    api_key=keys[member.name] or "",
-                    deployment=deployment,
-                    model=endpoint.model,
-                    keep_requests=False,
-                )
-            )
-            log.info("emulator for endpoint %r listening on %s", member.name, emulator.url)
-            endpoint = dataclasses.replace(endpoint, url=emulator.url, deployment=deployment)
-        started.append(endpoint)
-    if not cfg.endpoints:
-        return dataclasses.replace(cfg, endpoint=started[0])
-    members = tuple(dataclasses.replace(m, endpoint=e) for m, e in zip(cfg.endpoints, started, strict=True))
-    return dataclasses.replace(cfg, endpoint=started[0], endpoints=members)
-
-
 class _Stages:
     """One run's producer, workers and sink, and how they stop."""
 
@@ -280,7 +257,8 @@ class _Stages:
         captioner: Captioner,
         budget: Budget,
         sink: Sink,
-        prior: Container[str],
+        prior: IdSet,
+        encoding_ready: asyncio.Future[None],
     ) -> None:
         self.cfg = cfg
         self.options = options
@@ -289,6 +267,7 @@ class _Stages:
         self.budget = budget
         self.sink = sink
         self.prior = prior  # ids committed by earlier runs; read by the manifest's thread, never changed
+        self.encoding_ready = encoding_ready  # the text encoding the workers' token counts need
         self.taken: set[str] = set()  # ids taken up in this run, to tell duplicates from resumed rows
         self.tally = Tally()
         self.queue: asyncio.Queue[ImageTask | None] = asyncio.Queue(
@@ -455,8 +434,8 @@ class _Stages:
         async for item in _stream_manifest(self.options.manifest, self.cfg, self.prior):
             if self.stopping.is_set() or (limit is not None and len(self.taken) >= limit):
                 break
-            if isinstance(item, Skipped) or item.row_id in self.prior:
-                self.tally.skipped += 1
+            if isinstance(item, Skipped):  # the reader looked every id up in self.prior
+                self.tally.skipped += item.rows
                 continue
             if item.row_id in self.taken:
                 self.tally.duplicates += 1
@@ -467,6 +446,7 @@ class _Stages:
                 log.warning("%s", item)
                 await self.commit(manifest_failure(item, self.cfg))
             else:
+                await self.encoding_ready  # counting tokens in a worker would otherwise block the loop
                 await self.queue.put(item)  # waits while the workers are busy: back-pressure
         for _ in range(self.cfg.limits.concurrency):
             await self.queue.put(None)
@@ -486,10 +466,10 @@ class _Stages:
 
 
 async def _stream_manifest(
-    path: Path, cfg: RunConfig, skip: Container[str]
+    path: Path, cfg: RunConfig, skip: IdSet
 ) -> AsyncIterator[ImageTask | ManifestError | Skipped]:
     """The manifest's rows, read in a thread a batch at a time so the loop never waits on the disk."""
-    rows = read_manifest(path, cfg.request, skip)
+    rows = read_manifest(path, cfg.request, skip, group_skipped=True)
     while batch := await asyncio.to_thread(lambda: list(islice(rows, MANIFEST_BATCH_ROWS))):
         for item in batch:
             yield item
