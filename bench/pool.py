@@ -45,7 +45,7 @@ from typing import Any
 import aiohttp
 from chaos import DEPLOYMENT, EMULATOR_KEY, KEY_ENV, ChaosConfig, start_emulator, stop
 from PIL import Image
-from quota import WINDOW_S, make_manifest
+from quota import WINDOW_S, make_manifest, print_goals
 
 from pipeline.config import EmulatorConfig, RunConfig, config_from_mapping
 from pipeline.emulator import Emulator, Fault, ReceivedRequest
@@ -409,10 +409,7 @@ async def main(args: argparse.Namespace) -> int:
         for name, scenario in scenarios.items():
             if name in chosen:
                 goals.update(await scenario())
-    print()
-    for goal, met in goals.items():
-        print(f"{'met   ' if met else 'MISSED'} {goal}")
-    return 0 if all(goals.values()) else 1
+    return print_goals(goals)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
