@@ -284,3 +284,23 @@ async def test_an_openai_member_gets_the_model_in_the_body_and_an_azure_one_does
     assert all(r.body["model"] == "gpt-4-turbo" for r in emulator_pool[0].requests)
     assert all("model" not in r.body for r in emulator_pool[1].requests)
     assert all(r.status == 200 for e in emulator_pool[:2] for r in e.requests)
+
+
+def test_the_estimate_plans_over_the_pools_summed_quota():
+    from pipeline.plan import plan_duration
+
+    one = config_from_mapping({"endpoints": [endpoint_table("a", tokens_per_minute=60_000)]})
+    two = config_from_mapping(
+        {
+            "endpoints": [
+                endpoint_table("a", tokens_per_minute=60_000),
+                endpoint_table("b", tokens_per_minute=60_000),
+            ]
+        }
+    )
+
+    alone = plan_duration(1_000, 1_000 * 700, one, window_h=None, latency_s=None)
+    pooled = plan_duration(1_000, 1_000 * 700, two, window_h=None, latency_s=None)
+
+    assert pooled.rows_per_min == pytest.approx(2 * alone.rows_per_min)
+    assert pooled.duration_h == pytest.approx(alone.duration_h / 2)
