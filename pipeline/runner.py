@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import Literal
 
 import aiohttp
 
@@ -56,6 +57,7 @@ from pipeline.records import (
     NotSent,
     RunAborted,
     RunProgress,
+    TransportCounters,
     VisionResult,
 )
 from pipeline.results import manifest_failure
@@ -79,6 +81,27 @@ class RunOptions:
     handle_signals: bool = True  # off when embedded in another program's loop
     progress: bool = False  # draw the live progress display on stderr (progress.py)
     metrics_file: Path | None = None  # keep this Prometheus textfile up to date (metrics.py)
+    engine: Literal["local", "ray"] = "local"  # ray: the captioner in Ray actors (ray_run.py)
+    workers: int = 2  # --engine ray: CaptionWorker actors
+    worker_cpus: float = 0.5  # --engine ray: the CPU share each worker asks Ray for
+    ray_address: str | None = None  # --engine ray: a cluster ("auto": this machine's); None: a local Ray
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How an engine's run ended: what the summary needs of it."""
+
+    tally: Tally
+    counters: TransportCounters
+    spent_usd: float
+    stop_code: int | None
+    stopped_because: str | None
+
+    def exit_code(self) -> int:
+        if self.stop_code is not None:
+            return self.stop_code
+        is_failed = any(self.tally.counts[status] for status in FAILED_STATUSES)
+        return EXIT_ROW_ERRORS if is_failed else EXIT_OK
 
 
 async def run(cfg: RunConfig, options: RunOptions) -> RunSummary:
@@ -133,30 +156,16 @@ async def _run_locked(
     async with contextlib.AsyncExitStack() as stack:
         if cfg.endpoint.provider == "emulator":
             cfg = await _start_emulator(cfg, key, stack)
-        limits = Limits(cfg.limits.tokens_per_minute, cfg.requests_per_minute)
-        connector = aiohttp.TCPConnector(limit=cfg.limits.concurrency)
-        session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
-        budget = Budget(cfg.limits.max_cost_usd, price)
-        client = Client(session, endpoint_for(cfg.endpoint, key), limits, cfg.limits, random.Random(), budget)
-        reuse_freed_image_memory()
-        image_pool = ThreadPoolExecutor(image_threads(cfg.images), thread_name_prefix="images")
-        stack.callback(image_pool.shutdown, wait=True, cancel_futures=True)
-        base_dir = manifest_base_dir(options.manifest)
-        captioner = Captioner(
-            cfg, client, base_dir=base_dir, image_pool=image_pool, price=price, structured=structured
-        )
-        typed = () if structured is None else structured.columns
-        journal = Journal(options.output, run_id, typed)
-        sink = Sink(options.output, cfg.output, run_id, journal=journal, typed_columns=typed)
-        stages = _Stages(cfg, options, captioner, budget, sink, resume.skip)
-        try:
-            await stages.run()
-        finally:  # rows still buffered (the output could not be written) stay journalled for the next run
-            await asyncio.to_thread(journal.close, is_all_committed=sink.buffered_rows == 0)
+        if options.engine == "ray":
+            from pipeline.ray_run import caption_on_ray  # the optional extra: imported when asked for
+
+            stages = await caption_on_ray(cfg, options, run_id, key, resume.skip, price)
+        else:
+            stages = await _caption_locally(cfg, options, key, price, structured, resume.skip, run_id, stack)
     if stages.stop_code == EXIT_BUDGET:
         left = await asyncio.to_thread(_rows_left, cfg, options)
         stages.stopped_because = (
-            f"budget reached: spent ${budget.spent_usd:.4f} of ${cfg.limits.max_cost_usd:.4f}; "
+            f"budget reached: spent ${stages.spent_usd:.4f} of ${cfg.limits.max_cost_usd:.4f}; "
             f"{left} rows left for the next run"
         )
         log.warning(
@@ -164,7 +173,7 @@ async def _run_locked(
             stages.stopped_because,
             extra={"event": "run_stopped", "exit_code": EXIT_BUDGET},
         )
-    counters = client.counters()
+    counters = stages.counters
     if resume.retrying and stages.stop_code != EXIT_OUTPUT_FAILED:
         superseded = await asyncio.to_thread(checkpoint.compact, options.output)
         log.info("retried rows replaced %d earlier error rows", superseded)
@@ -178,7 +187,7 @@ async def _run_locked(
         duplicates=tally.duplicates,
         prompt_tokens=tally.prompt_tokens,
         completion_tokens=tally.completion_tokens,
-        cost_usd=round(tally.cost_usd, 6) if captioner.price else None,
+        cost_usd=round(tally.cost_usd, 6) if price else None,
         retries=tally.retries,
         pauses=counters.pauses,
         paused_s=round(counters.paused_s, 3),
@@ -189,7 +198,7 @@ async def _run_locked(
         http_429s=counters.http_429s,
         retries_by_cause=dict(sorted(counters.retries_by_cause.items())),
         latency_percentiles_s=latency_percentiles(tally.latencies_s),
-        spend_usd=round(budget.spent_usd, 6) if price else None,
+        spend_usd=round(stages.spent_usd, 6) if price else None,
         recovered_rows=recovered.rows,
         recovered_cost_usd=recovered.cost_usd,
         max_cost_usd=cfg.limits.max_cost_usd,
@@ -206,6 +215,42 @@ async def _run_locked(
     except OSError as err:
         log.error("could not write %s: %s", STATS_FILE, err)
     return summary
+
+
+async def _caption_locally(
+    cfg: RunConfig,
+    options: RunOptions,
+    key: str | None,
+    price: Price | None,
+    structured: Structured | None,
+    skip: Container[str],
+    run_id: str,
+    stack: contextlib.AsyncExitStack,
+) -> Outcome:
+    """The local engine: the captioner in this process's loop (see the module docstring)."""
+    limits = Limits(cfg.limits.tokens_per_minute, cfg.requests_per_minute)
+    connector = aiohttp.TCPConnector(limit=cfg.limits.concurrency)
+    session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
+    budget = Budget(cfg.limits.max_cost_usd, price)
+    client = Client(session, endpoint_for(cfg.endpoint, key), limits, cfg.limits, random.Random(), budget)
+    reuse_freed_image_memory()
+    image_pool = ThreadPoolExecutor(image_threads(cfg.images), thread_name_prefix="images")
+    stack.callback(image_pool.shutdown, wait=True, cancel_futures=True)
+    base_dir = manifest_base_dir(options.manifest)
+    captioner = Captioner(
+        cfg, client, base_dir=base_dir, image_pool=image_pool, price=price, structured=structured
+    )
+    typed = () if structured is None else structured.columns
+    journal = Journal(options.output, run_id, typed)
+    sink = Sink(options.output, cfg.output, run_id, journal=journal, typed_columns=typed)
+    stages = _Stages(cfg, options, captioner, budget, sink, skip)
+    try:
+        await stages.run()
+    finally:  # rows still buffered (the output could not be written) stay journalled for the next run
+        await asyncio.to_thread(journal.close, is_all_committed=sink.buffered_rows == 0)
+    return Outcome(
+        stages.tally, client.counters(), budget.spent_usd, stages.stop_code, stages.stopped_because
+    )
 
 
 def _rows_left(cfg: RunConfig, options: RunOptions) -> int:
@@ -274,12 +319,6 @@ class _Stages:
         self.stop_code: int | None = None
         self.started = asyncio.get_running_loop().time()
         self.rows_total: int | None = None  # counted in a thread for the progress display
-
-    def exit_code(self) -> int:
-        if self.stop_code is not None:
-            return self.stop_code
-        is_failed = any(self.tally.counts[status] for status in FAILED_STATUSES)
-        return EXIT_ROW_ERRORS if is_failed else EXIT_OK
 
     def on_budget_reached(self) -> None:
         """The spend cap has no room for the next row: read and send nothing more; what is on the wire

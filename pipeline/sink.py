@@ -171,6 +171,26 @@ def write_part(output: Path, name: str, table: pa.Table) -> Path:
         raise
 
 
+def write_new_part(output: Path, name: str, table: pa.Table) -> Path:
+    """Commit `table` as part file `name`, which must not exist: temp file, fsync, hard link to `name` (an
+    existing part is never replaced: FileExistsError), unlink the temp, fsync the folder. Blocking.
+
+    For writers that share an output (Ray workers): a name taken twice fails instead of losing a part.
+    """
+    final = output / name
+    temp = final.with_name(f"{TEMP_PREFIX}{name}")
+    try:
+        with open(temp, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(temp, final)  # the commit; unlike a rename, it fails when the name is taken
+    finally:
+        temp.unlink(missing_ok=True)
+    fsync_dir(output)
+    return final
+
+
 def _commit_rows(output: Path, name: str, rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> Path:
     return write_part(output, name, rows_to_table(rows, schema))
 
