@@ -9,6 +9,9 @@
   (the dashboard and runtime-env agents outlive a SIGKILLed driver); the next run on the output stops
   every recorded process that is still the same process (same pid and start time), then removes the file.
 
+Workers' own output is not copied to the driver (``log_to_driver=False``): stdout stays the summary's, as
+``--log-format json`` promises; it is in Ray's session logs (``/tmp/ray/session_*/logs/worker-*``).
+
 Ray is imported inside the functions only: the package imports without the extra.
 """
 
@@ -53,14 +56,14 @@ def connected(address: str | None, output: Path) -> Iterator[Any]:
         yield ray
         return
     if address is not None:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         try:
             yield ray
         finally:
             ray.shutdown()
         return
     stop_leftover_ray(output)
-    ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     try:
         write_json_atomic(
             output / RAY_FILE,

@@ -142,7 +142,7 @@ class _Driver:
         self.in_flight: dict[asyncio.Future[Any], tuple[int, Block]] = {}
         self.redo: deque[Block] = deque()  # rows of dead workers' blocks, handed out first
         self.known_parts: set[str] = set()  # parts the workers reported: their ids need no reading
-        self.counters: dict[int, TransportCounters] = {}
+        self.counters: dict[tuple[int, str], TransportCounters] = {}
         self.taken: set[str] = set()
         self.failures: list[dict[str, Any]] = []  # bad manifest rows, committed by the driver
         self.recovering = asyncio.Lock()
@@ -273,7 +273,7 @@ class _Driver:
             self.tally.add(result)
         if done.part is not None:
             self.known_parts.add(done.part)
-        self.counters[worker] = done.counters
+        self.counters[worker, done.incarnation] = done.counters  # a restarted worker counts from 0
         if done.stop is not None:
             self.stop(*done.stop)
 

@@ -67,6 +67,7 @@ class BlockDone:
     """What a worker did with a block: the part it committed and the rows in it, in order."""
 
     number: int
+    incarnation: str  # of the worker that captioned it
     part: str | None  # None: no row of the block finished
     results: tuple[VisionResult, ...]  # the committed rows
     stop: tuple[str, str] | None = None  # ("refused" | "config" | "budget", why): the run must stop
@@ -220,7 +221,8 @@ class CaptionWorker:
             await asyncio.to_thread(self._commit, part, finished)
         journal.committed(len(finished))
         journal.close(is_all_committed=True)
-        return BlockDone(block.number, part, tuple(finished), stops[0] if stops else None, client.counters())
+        stop = stops[0] if stops else None
+        return BlockDone(block.number, self.incarnation, part, tuple(finished), stop, client.counters())
 
     def _commit(self, part: str, results: list[VisionResult]) -> None:
         rows = [result_to_row(result, self.setup.run_id) for result in results]
