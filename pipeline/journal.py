@@ -198,7 +198,8 @@ def recover(output: Path, pattern: str = "*.jsonl") -> Recovered:
         )
     for segment in sorted((output / JOURNAL_DIR).glob(pattern)):
         segment.unlink()
-    _remove_if_empty(output / JOURNAL_DIR)
+    if pattern == "*.jsonl":  # a dead Ray worker's segments: live ones may be opening theirs in the folder
+        _remove_if_empty(output / JOURNAL_DIR)
     cost = sum(float(row.get("cost_usd") or 0.0) for row in rows)
     return Recovered(len(rows), round(cost, 6), torn)
 

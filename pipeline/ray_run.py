@@ -32,16 +32,17 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from pipeline.checkpoint import fingerprint
 from pipeline.config import RunConfig
 from pipeline.exits import EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_OUTPUT_FAILED, EXIT_REFUSED, EXIT_USAGE
 from pipeline.journal import JOURNAL_DIR, recover
-from pipeline.manifest import Skipped, manifest_base_dir
+from pipeline.manifest import manifest_base_dir
 from pipeline.pricing import Price
 from pipeline.ray_cluster import connected, import_ray
 from pipeline.ray_worker import Block, BlockDone, CaptionWorker, WorkerSetup, block_journal_pattern, without
 from pipeline.records import ImageTask, ManifestError, TransportCounters
 from pipeline.results import manifest_failure
-from pipeline.runner import Outcome, RunOptions, _stream_manifest
+from pipeline.runner import Outcome, RunOptions, rows_to_send
 from pipeline.shared_quota import BudgetKeeper, QuotaKeeper
 from pipeline.sink import result_to_row, rows_to_table, schema_with_extras, write_new_part
 from pipeline.summary import Tally
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 MAX_BLOCK_ROWS = 64  # rows in a block, and so in a Ray part (fewer when output.rows_per_part is smaller)
 CLOSE_WAIT_S = 5.0  # how long workers get to close their connections at the end
+RESTART_WAIT_S = 120.0  # how long a lost block waits for its worker to answer again before it counts as dead
 RESTART_POLL_S = 0.2  # how often a dead worker is asked whether Ray has restarted it
 BLOCKS_PER_WORKER = 2  # blocks handed to a worker at once: one captioned while the other waits
 STOP_CODES = {
@@ -118,9 +120,11 @@ class _Driver:
         capped = cfg.limits.max_cost_usd is not None and price is not None
         self.budget = budget_class.remote(cfg.limits.max_cost_usd, price) if capped else None
         concurrency = math.ceil(cfg.limits.concurrency / options.workers)
+        # unique on a shared cluster: two outputs may start a run in the same second
+        name = f"vision-pipeline-{fingerprint(str(options.output.resolve()))[:8]}-{run_id}"
         self.workers = [
             worker_class.options(
-                name=f"{run_id}-worker-{n}", num_cpus=options.worker_cpus, max_restarts=-1, max_task_retries=0
+                name=f"{name}-worker-{n}", num_cpus=options.worker_cpus, max_restarts=-1, max_task_retries=0
             ).remote(
                 WorkerSetup(
                     cfg,
@@ -147,6 +151,7 @@ class _Driver:
         self.failures: list[dict[str, Any]] = []  # bad manifest rows, committed by the driver
         self.recovering = asyncio.Lock()
         self.restarting: dict[int, asyncio.Task[None]] = {}  # dead workers, until Ray has restarted them
+        self.recoveries: set[asyncio.Task[None]] = set()  # blocks whose call failed, being looked into
         self.deaths = 0
 
     async def run(self) -> None:
@@ -161,13 +166,13 @@ class _Driver:
                 if not self.stopping.is_set():
                     is_exhausted = await self.hand_out(rows, is_exhausted)
                 is_waiting_for_restart = bool(self.redo and self.restarting) and not self.stopping.is_set()
-                if not self.in_flight and not is_waiting_for_restart:
+                if not self.in_flight and not self.recoveries and not is_waiting_for_restart:
                     break
                 stop_wait = loop.create_task(self.stopping.wait(), name="stop-wait")
                 timeout = None if self.cancelled_at is None else self.cancelled_at + self.cfg.limits.grace_s
                 try:
                     done, _ = await asyncio.wait(
-                        [*self.in_flight, *self.restarting.values(), stop_wait],
+                        [*self.in_flight, *self.restarting.values(), *self.recoveries, stop_wait],
                         timeout=None if timeout is None else max(0.0, timeout - loop.time()),
                         return_when=asyncio.FIRST_COMPLETED,
                     )
@@ -184,10 +189,13 @@ class _Driver:
                         del self.restarting[worker]
                 for future in [f for f in done if f in self.in_flight]:
                     await self.finished(future)
+                for lost in [task for task in self.recoveries if task.done()]:
+                    self.recoveries.discard(lost)
+                    lost.result()  # a fault while recovering ends the run
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
-            for probe in self.restarting.values():
+            for probe in [*self.restarting.values(), *self.recoveries]:
                 probe.cancel()
             await rows.aclose()
             await asyncio.to_thread(self.commit_failures)
@@ -225,21 +233,9 @@ class _Driver:
                 await asyncio.sleep(RESTART_POLL_S)  # Ray tells no one when the actor is back
 
     async def rows(self) -> AsyncGenerator[ImageTask, None]:
-        """The rows to send: neither committed nor a duplicate, at most --limit; bad rows are committed."""
-        limit = self.options.limit
-        async for item in _stream_manifest(self.options.manifest, self.cfg, self.skip):
-            if limit is not None and len(self.taken) >= limit:
-                return
-            if isinstance(item, Skipped) or item.row_id in self.skip:
-                self.tally.skipped += 1
-                continue
-            if item.row_id in self.taken:
-                self.tally.duplicates += 1
-                log.warning("row %r: duplicate id again at manifest line %d, ignored", item.row_id, item.line)
-                continue
-            self.taken.add(item.row_id)
+        """The rows to send (as the local engine's); bad rows are committed by the driver."""
+        async for item in rows_to_send(self.options, self.cfg, self.skip, self.tally, self.taken):
             if isinstance(item, ManifestError):
-                log.warning("%s", item)
                 result = manifest_failure(item, self.cfg)
                 self.tally.add(result)
                 self.failures.append(result_to_row(result, self.run_id))
@@ -262,13 +258,24 @@ class _Driver:
         try:
             done: BlockDone = future.result()
         except self.ray.exceptions.RayActorError as err:
-            await self.worker_died(worker, block, err)
+            if worker not in self.restarting:
+                probe = asyncio.get_running_loop().create_task(
+                    self.wait_restarted(worker), name=f"restart-{worker}"
+                )
+                self.restarting[worker] = probe
+            lost = asyncio.get_running_loop().create_task(
+                self.lost(worker, block, err), name=f"lost-block-{block.number}"
+            )
+            self.recoveries.add(lost)
             return
         except self.ray.exceptions.RayTaskError as err:  # a fault in the worker's code: stop, then raise it
             if self.failure is None:
                 self.failure = err
             self.stop("failed", f"worker {worker}: {type(err).__name__}")
             return
+        self.accept(worker, done)
+
+    def accept(self, worker: int, done: BlockDone) -> None:
         for result in done.results:
             self.tally.add(result)
         if done.part is not None:
@@ -277,14 +284,29 @@ class _Driver:
         if done.stop is not None:
             self.stop(*done.stop)
 
+    async def lost(self, worker: int, block: Block, err: BaseException) -> None:
+        """The call for `block` failed: once the worker answers again, it says what became of the block if
+        it still has it (it was only unreachable); if not, the process that had it is dead."""
+        probe = self.restarting.get(worker)
+        done: BlockDone | None = None
+        try:
+            async with asyncio.timeout(RESTART_WAIT_S):
+                if probe is not None:
+                    await asyncio.shield(probe)
+                done = await asyncio.wrap_future(
+                    self.workers[worker].block_result.remote(block.number).future()
+                )
+        except (TimeoutError, self.ray.exceptions.RayActorError):
+            done = None  # not back in time, or dead again: the process that had the block is gone
+        if done is not None:
+            log.warning("worker %d was unreachable for a while; its block %d finished", worker, block.number)
+            self.accept(worker, done)
+        else:
+            await self.worker_died(worker, block, err)
+
     async def worker_died(self, worker: int, block: Block, err: BaseException) -> None:
         """Commit what `block`'s journal holds, find what the dead worker committed, hand out the rest."""
         self.deaths += 1
-        if worker not in self.restarting:
-            probe = asyncio.get_running_loop().create_task(
-                self.wait_restarted(worker), name=f"restart-{worker}"
-            )
-            self.restarting[worker] = probe
         async with self.recovering:
             committed = await asyncio.to_thread(self.committed_of, block)
         for status, prompt_tokens, completion_tokens, cost in committed.values():

@@ -5,7 +5,8 @@ its rows' images itself, so image CPU scales with the cluster, and sends through
 shared quota and spend cap (``shared_quota.py``). For each block it:
 
 1. captions the rows, at most ``concurrency`` at once over all its blocks, journalling each answer as it
-   comes (``journal.py``: one segment per block, ``_journal/<run_id>-w<NN>-<incarnation>-b<block>-*``);
+   comes (``journal.py``: one segment per block, ``_journal/<run_id>-w<NN>-<incarnation>-b<block>-*``,
+   fsynced every ``journal.SYNC_EVERY_S`` as the local run's);
 2. commits the finished rows as one part, ``part-<run_id>-w<NN>-<incarnation>-<block>.parquet``, with the
    sink's protocol (temp file, fsync, link: an existing name is never replaced). The incarnation is new
    each time Ray starts the actor, so a restarted worker never reuses a name;
@@ -52,6 +53,8 @@ from pipeline.sink import BASE_COLUMNS, result_to_row, rows_to_table, schema_wit
 from pipeline.structured import load_structured
 
 log = logging.getLogger(__name__)
+
+KEEP_DONE_BLOCKS = 16  # finished blocks a worker still answers block_result for
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +126,9 @@ class CaptionWorker:
         self._slots: asyncio.Semaphore | None = None
         self._rows: set[asyncio.Task[None]] = set()
         self._typed: tuple[Any, ...] = ()
+        # Blocks running or done lately, for a driver that lost its call to a worker that did not die
+        # (Ray's ActorUnavailableError: unreachable for a moment). Done ones are kept KEEP_DONE_BLOCKS deep.
+        self._blocks: dict[int, asyncio.Task[BlockDone]] = {}
 
     def pid(self) -> int:
         """This incarnation's process id (the tests kill it)."""
@@ -175,6 +181,19 @@ class CaptionWorker:
 
     async def caption_block(self, block: Block) -> BlockDone:
         """Caption `block`'s rows, commit the finished ones as one part; see the module docstring."""
+        running = asyncio.get_running_loop().create_task(self._caption(block), name=f"block-{block.number}")
+        self._blocks[block.number] = running
+        for number in sorted(n for n, task in self._blocks.items() if task.done())[:-KEEP_DONE_BLOCKS]:
+            del self._blocks[number]
+        return await asyncio.shield(running)  # a lost call does not cancel the block: see block_result
+
+    async def block_result(self, number: int) -> BlockDone | None:
+        """What became of block `number` in this incarnation (waiting for it if it is still running), or
+        None when this incarnation never had it: the one that did is dead."""
+        running = self._blocks.get(number)
+        return None if running is None else await asyncio.shield(running)
+
+    async def _caption(self, block: Block) -> BlockDone:
         captioner, client, slots = await self._ready()
         setup = self.setup
         journal = Journal(
@@ -207,12 +226,16 @@ class CaptionWorker:
             journal.append(result_to_row(result, setup.run_id))  # paid for: a kill from here loses nothing
             finished.append(result)
 
+        rows_done = asyncio.Event()
         try:
             async with asyncio.TaskGroup() as tg:
-                for task in block.tasks:
-                    row = tg.create_task(caption(task), name=f"row-{task.row_id}")
+                tg.create_task(journal.sync_every(rows_done), name="journal-sync")  # for a power cut
+                rows = [tg.create_task(caption(task), name=f"row-{task.row_id}") for task in block.tasks]
+                for row in rows:
                     self._rows.add(row)
                     row.add_done_callback(self._rows.discard)
+                await asyncio.wait(rows)
+                rows_done.set()
         finally:
             journal.rotate()  # every row written so far is about to be in the part
         part = None

@@ -463,20 +463,10 @@ class _Stages:
 
     async def produce(self) -> None:
         """Queue each manifest row that is neither committed nor a duplicate; then one stop per worker."""
-        limit = self.options.limit
-        async for item in _stream_manifest(self.options.manifest, self.cfg, self.prior):
-            if self.stopping.is_set() or (limit is not None and len(self.taken) >= limit):
+        async for item in rows_to_send(self.options, self.cfg, self.prior, self.tally, self.taken):
+            if self.stopping.is_set():
                 break
-            if isinstance(item, Skipped) or item.row_id in self.prior:
-                self.tally.skipped += 1
-                continue
-            if item.row_id in self.taken:
-                self.tally.duplicates += 1
-                log.warning("row %r: duplicate id again at manifest line %d, ignored", item.row_id, item.line)
-                continue
-            self.taken.add(item.row_id)
             if isinstance(item, ManifestError):
-                log.warning("%s", item)
                 await self.commit(manifest_failure(item, self.cfg))
             else:
                 await self.queue.put(item)  # waits while the workers are busy: back-pressure
@@ -495,6 +485,29 @@ class _Stages:
                 self.on_budget_reached()
                 continue  # not sent: the row stays uncommitted for the next run
             await self.commit(result)
+
+
+async def rows_to_send(
+    options: RunOptions, cfg: RunConfig, prior: Container[str], tally: Tally, taken: set[str]
+) -> AsyncIterator[ImageTask | ManifestError]:
+    """The manifest's rows that are neither committed (`prior`) nor taken up already in this run, at most
+    ``options.limit``; each taken up is added to `taken`, skipped ones and duplicates counted in `tally`.
+    A bad row comes as its ManifestError (logged), to be committed as an error row."""
+    limit = options.limit
+    async for item in _stream_manifest(options.manifest, cfg, prior):
+        if limit is not None and len(taken) >= limit:
+            return
+        if isinstance(item, Skipped) or item.row_id in prior:
+            tally.skipped += 1
+            continue
+        if item.row_id in taken:
+            tally.duplicates += 1
+            log.warning("row %r: duplicate id again at manifest line %d, ignored", item.row_id, item.line)
+            continue
+        taken.add(item.row_id)
+        if isinstance(item, ManifestError):
+            log.warning("%s", item)
+        yield item
 
 
 async def _stream_manifest(

@@ -6,10 +6,11 @@ the ramp, 429 pauses; ``budget.Budget``: worst cases held, settled to the bill),
 as on one machine. Workers reach them through ``SharedLimits`` and ``SharedBudget``, which the live
 ``client.Client`` takes in place of its local ones.
 
-- **Reservations.** A worker reserves one request at a time, when it is about to send it: the window log
-  books a reservation at the moment it is admitted, and a block reserved ahead would sit in the log
-  earlier than the server sees its requests, so the server's window could hold more than ours. A round
-  trip to a local actor takes about a millisecond; requests take hundreds. What a worker does not use it
+- **Reservations.** A worker reserves one request at a time, when it is about to send it, and tells the
+  keeper when it sent it: the window log must book a request when the server will count it, and a block
+  reserved ahead would sit in the log earlier than the server sees its requests, so the server's window
+  could hold more than ours. A round trip to a local actor takes about a millisecond; requests take
+  hundreds. What a worker does not use it
   gives back (``settle`` with the bill, 0 for a 429 or a request never sent).
 - **429s.** A worker that meets a 429 reports its wait; the keeper pauses admissions for every worker.
 - **Restarts.** Ray restarts a keeper that died, empty. It cannot know what the last 10 s admitted, so it
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -39,6 +41,10 @@ log = logging.getLogger(__name__)
 
 # What the server tells about the quota others use (limits.Limits.observe); the rest stays on the worker.
 QUOTA_HEADERS = ("x-ratelimit-remaining-tokens", "x-ratelimit-remaining-requests")
+# Added to when a worker sent a request: the worker and the server are processes (or machines) of their own,
+# so how long a request takes to arrive varies more than within one process (limits.WINDOW_SLACK_S); each
+# 0.1 s costs 1 % of the quota, a 429 several (make bench-ray).
+TRANSIT_MARGIN_S = 0.15
 # Booked by a restarted keeper: none of the window is left (see the module docstring).
 WINDOW_FULL = dict.fromkeys(QUOTA_HEADERS, "0")
 
@@ -51,6 +57,8 @@ class QuotaKeeper:
         self._is_restart = is_restart
         self._limits: Limits | None = None
         self._booked: dict[int, Reservation] = {}
+        # loop time and epoch seconds of each admission, until the worker says when it sent the request
+        self._admitted_at: dict[int, tuple[float, float]] = {}
         self._keys = itertools.count(1)
 
     def _get(self) -> Limits:
@@ -69,11 +77,26 @@ class QuotaKeeper:
             return None
         key = next(self._keys)
         self._booked[key] = reservation
+        self._admitted_at[key] = (asyncio.get_running_loop().time(), time.time())
         return key
+
+    def sent(self, key: int, sent_at: float) -> None:
+        """Reservation `key` went out at `sent_at` (epoch seconds, the worker's clock): book it then.
+
+        The window log books a request when it is admitted, which in one process is when it is sent. A
+        worker sends an admission's round trip later, and the next window's requests may have shorter
+        ones: the server would count both in one window. So the booking moves to the send.
+        """
+        admitted = self._admitted_at.pop(key, None)
+        reservation = self._booked.get(key)
+        if admitted is not None and reservation is not None:
+            loop_at, epoch_at = admitted
+            self._get().move(reservation, loop_at + sent_at - epoch_at + TRANSIT_MARGIN_S)
 
     def settle(self, key: int, tokens: int) -> None:
         """Correct reservation `key` to what the server billed (0: not charged, or never sent)."""
         reservation = self._booked.pop(key, None)
+        self._admitted_at.pop(key, None)
         if reservation is not None:  # unknown: booked by a keeper before a restart
             self._get().settle(reservation, tokens)
 
@@ -175,6 +198,7 @@ class SharedLimits(Limits):
             raise LimitsClosed()
         reservation = Reservation(asyncio.get_running_loop().time(), tokens)
         self._keys[reservation] = key
+        self._keeper.sent.remote(key, time.time())  # the client posts it as this returns
         return reservation
 
     def _give_back(self, key: int | None) -> None:

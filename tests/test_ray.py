@@ -27,7 +27,7 @@ RAY_CPUS = 2
 @pytest.fixture(scope="session", autouse=True)
 def local_ray() -> Iterator[None]:
     """One local Ray for every test of this file: starting one takes seconds."""
-    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     yield
     ray.shutdown()
 

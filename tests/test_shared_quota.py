@@ -4,6 +4,7 @@ window. The keeper is a plain class (Ray makes it an actor), so these run withou
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -39,3 +40,18 @@ async def test_a_closed_keeper_admits_nothing_and_says_so():
     keeper.close()
 
     assert await waiting is None
+
+
+async def test_a_request_sent_late_holds_its_window_from_when_it_was_sent():
+    """A Ray worker sends a round trip after the keeper admitted it: the server counts the request from
+    then, so the next window's request may not go before that one has left the window."""
+    loop = asyncio.get_running_loop()
+    keeper = QuotaKeeper(6000, 60, is_restart=False)  # 1000 tokens and 10 requests a window
+    first = await keeper.acquire(1000)
+    assert first is not None
+    started = loop.time()
+
+    keeper.sent(first, time.time() + 2.0)  # it left 2 s after its admission
+    await keeper.acquire(1000)
+
+    assert loop.time() - started >= WINDOW_S + 2.0
