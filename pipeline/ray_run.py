@@ -27,7 +27,7 @@ import math
 import signal
 import warnings
 from collections import Counter, deque
-from collections.abc import AsyncGenerator, AsyncIterator, Container
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from pipeline.checkpoint import fingerprint
 from pipeline.config import RunConfig
 from pipeline.exits import EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_OUTPUT_FAILED, EXIT_REFUSED, EXIT_USAGE
+from pipeline.idset import IdSet
 from pipeline.journal import JOURNAL_DIR, recover
 from pipeline.manifest import manifest_base_dir
 from pipeline.pricing import Price
@@ -67,7 +68,7 @@ async def caption_on_ray(
     options: RunOptions,
     run_id: str,
     key: str | None,
-    skip: Container[str],
+    skip: IdSet,
     price: Price | None,
 ) -> Outcome:
     """Caption the rows not in `skip` on Ray (see the module docstring). Raises ConfigError without Ray."""
@@ -104,7 +105,7 @@ class _Driver:
         options: RunOptions,
         run_id: str,
         key: str | None,
-        skip: Container[str],
+        skip: IdSet,
         price: Price | None,
     ) -> None:
         ray = self.ray = import_ray()

@@ -16,7 +16,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import AsyncIterator, Container
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
@@ -39,6 +39,7 @@ from pipeline.exits import (
     EXIT_ROW_ERRORS,
     EXIT_USAGE,
 )
+from pipeline.idset import IdSet
 from pipeline.images import image_threads, reuse_freed_image_memory
 from pipeline.journal import JOURNAL_DIR, Journal, Recovered, recover
 from pipeline.limits import Limits
@@ -64,6 +65,7 @@ from pipeline.results import manifest_failure
 from pipeline.sink import STATS_FILE, Sink, write_json_atomic
 from pipeline.structured import Structured, check_manifest_columns, load_structured
 from pipeline.summary import RunSummary, Tally, latency_percentiles, summary_as_dict
+from pipeline.tokens import load_encoding
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +127,9 @@ async def _run_locked(
 ) -> RunSummary:
     loop = asyncio.get_running_loop()
     started_at, started = time.time(), loop.time()
+    # ~1 s of building the text encoding, in a thread while the output and the manifest are read;
+    # the producer waits for it before the first row goes to a worker
+    encoding_ready = loop.run_in_executor(None, load_encoding, cfg.endpoint.model)
     recovered = Recovered()
     if (options.output / JOURNAL_DIR).is_dir():  # a run before this one was killed: commit what it paid for
         recovered = await asyncio.to_thread(recover, options.output)
@@ -161,7 +166,10 @@ async def _run_locked(
 
             stages = await caption_on_ray(cfg, options, run_id, key, resume.skip, price)
         else:
-            stages = await _caption_locally(cfg, options, key, price, structured, resume.skip, run_id, stack)
+            stages = await _caption_locally(
+                cfg, options, (key, price, structured), resume.skip, run_id, stack, encoding_ready
+            )
+    await encoding_ready  # done by now; a failure to build it is not left unseen
     if stages.stop_code == EXIT_BUDGET:
         left = await asyncio.to_thread(_rows_left, cfg, options)
         stages.stopped_because = (
@@ -220,14 +228,14 @@ async def _run_locked(
 async def _caption_locally(
     cfg: RunConfig,
     options: RunOptions,
-    key: str | None,
-    price: Price | None,
-    structured: Structured | None,
-    skip: Container[str],
+    request: tuple[str | None, Price | None, Structured | None],  # the key, the price, the answer format
+    skip: IdSet,
     run_id: str,
     stack: contextlib.AsyncExitStack,
+    encoding_ready: asyncio.Future[None],
 ) -> Outcome:
     """The local engine: the captioner in this process's loop (see the module docstring)."""
+    key, price, structured = request
     limits = Limits(cfg.limits.tokens_per_minute, cfg.requests_per_minute)
     connector = aiohttp.TCPConnector(limit=cfg.limits.concurrency)
     session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
@@ -243,7 +251,7 @@ async def _caption_locally(
     typed = () if structured is None else structured.columns
     journal = Journal(options.output, run_id, typed)
     sink = Sink(options.output, cfg.output, run_id, journal=journal, typed_columns=typed)
-    stages = _Stages(cfg, options, captioner, budget, sink, skip)
+    stages = _Stages(cfg, options, captioner, budget, sink, skip, encoding_ready)
     try:
         await stages.run()
     finally:  # rows still buffered (the output could not be written) stay journalled for the next run
@@ -257,7 +265,7 @@ def _rows_left(cfg: RunConfig, options: RunOptions) -> int:
     """Manifest rows not committed in the output (each id once), for the budget's stop message. Blocking."""
     committed = checkpoint.committed_ids(options.output)
     seen: set[str] = set()
-    for item in read_manifest(options.manifest, cfg.request, committed):
+    for item in read_manifest(options.manifest, cfg.request, committed, group_skipped=True):
         if not isinstance(item, Skipped):
             seen.add(item.row_id)
     return len(seen)
@@ -299,7 +307,8 @@ class _Stages:
         captioner: Captioner,
         budget: Budget,
         sink: Sink,
-        prior: Container[str],
+        prior: IdSet,
+        encoding_ready: asyncio.Future[None],
     ) -> None:
         self.cfg = cfg
         self.options = options
@@ -308,6 +317,7 @@ class _Stages:
         self.budget = budget
         self.sink = sink
         self.prior = prior  # ids committed by earlier runs; read by the manifest's thread, never changed
+        self.encoding_ready = encoding_ready  # the text encoding the workers' token counts need
         self.taken: set[str] = set()  # ids taken up in this run, to tell duplicates from resumed rows
         self.tally = Tally()
         self.queue: asyncio.Queue[ImageTask | None] = asyncio.Queue(
@@ -469,6 +479,7 @@ class _Stages:
             if isinstance(item, ManifestError):
                 await self.commit(manifest_failure(item, self.cfg))
             else:
+                await self.encoding_ready  # counting tokens in a worker would otherwise block the loop
                 await self.queue.put(item)  # waits while the workers are busy: back-pressure
         for _ in range(self.cfg.limits.concurrency):
             await self.queue.put(None)
@@ -488,7 +499,7 @@ class _Stages:
 
 
 async def rows_to_send(
-    options: RunOptions, cfg: RunConfig, prior: Container[str], tally: Tally, taken: set[str]
+    options: RunOptions, cfg: RunConfig, prior: IdSet, tally: Tally, taken: set[str]
 ) -> AsyncIterator[ImageTask | ManifestError]:
     """The manifest's rows that are neither committed (`prior`) nor taken up already in this run, at most
     ``options.limit``; each taken up is added to `taken`, skipped ones and duplicates counted in `tally`.
@@ -497,8 +508,8 @@ async def rows_to_send(
     async for item in _stream_manifest(options.manifest, cfg, prior):
         if limit is not None and len(taken) >= limit:
             return
-        if isinstance(item, Skipped) or item.row_id in prior:
-            tally.skipped += 1
+        if isinstance(item, Skipped):  # the reader looked every id up in `prior`
+            tally.skipped += item.rows
             continue
         if item.row_id in taken:
             tally.duplicates += 1
@@ -511,10 +522,10 @@ async def rows_to_send(
 
 
 async def _stream_manifest(
-    path: Path, cfg: RunConfig, skip: Container[str]
+    path: Path, cfg: RunConfig, skip: IdSet
 ) -> AsyncIterator[ImageTask | ManifestError | Skipped]:
     """The manifest's rows, read in a thread a batch at a time so the loop never waits on the disk."""
-    rows = read_manifest(path, cfg.request, skip)
+    rows = read_manifest(path, cfg.request, skip, group_skipped=True)
     while batch := await asyncio.to_thread(lambda: list(islice(rows, MANIFEST_BATCH_ROWS))):
         for item in batch:
             yield item
