@@ -116,6 +116,10 @@ async def run(cfg: RunConfig, options: RunOptions) -> RunSummary:
     if structured is not None:
         check_manifest_columns(structured, manifest_columns(options.manifest), cfg.source)
     key = api_key(cfg)  # a missing key stops us before the output is touched
+    if options.engine == "ray":
+        from pipeline.ray_cluster import import_ray
+
+        import_ray()  # so does a missing Ray extra
     # a spend cap needs a price: without one the run stops here, naming the file to edit
     price = price_for_run(cfg) if cfg.limits.max_cost_usd is not None else _price_or_none(cfg)
     with checkpoint.output_lock(options.output):
