@@ -79,6 +79,7 @@ class RunOptions:
     handle_signals: bool = True  # off when embedded in another program's loop
     progress: bool = False  # draw the live progress display on stderr (progress.py)
     metrics_file: Path | None = None  # keep this Prometheus textfile up to date (metrics.py)
+    no_wait: bool = False  # batch mode: submit the jobs and return; a later run collects them
 
 
 async def run(cfg: RunConfig, options: RunOptions) -> RunSummary:
@@ -94,6 +95,10 @@ async def run(cfg: RunConfig, options: RunOptions) -> RunSummary:
     # a spend cap needs a price: without one the run stops here, naming the file to edit
     price = price_for_run(cfg) if cfg.limits.max_cost_usd is not None else _price_or_none(cfg)
     with checkpoint.output_lock(options.output):
+        if cfg.endpoint.mode == "batch":
+            from pipeline.batch.engine import run_batch  # the Batch API transport (pipeline/batch/)
+
+            return await run_batch(cfg, options, key, price, structured)
         return await _run_locked(cfg, options, key, price, structured)
 
 
