@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import random
 import shutil
@@ -37,35 +36,31 @@ from pipeline.batch.api import BatchApi, BatchApiError, surface_for
 from pipeline.batch.collect import collect_files
 from pipeline.batch.ledger import (
     BATCH_FILES_DIR,
+    BATCH_STATUS_FILE,
     TERMINAL_STATUSES,
     BatchEntry,
     FileEntry,
     Ledger,
+    read_batch_status,
     rows_by_custom_id,
 )
-from pipeline.batch.lines import PackedFile, PackedRow, Packer, batch_line, custom_id_for, line_url
-from pipeline.captioner import prepare_images
+from pipeline.batch.lines import PackedFile, line_url
+from pipeline.batch.planner import Planner
 from pipeline.client import backoff_s
 from pipeline.config import RunConfig
 from pipeline.exits import EXIT_OK, EXIT_ROW_ERRORS
 from pipeline.images import image_threads
 from pipeline.journal import JOURNAL_DIR, Recovered, recover
-from pipeline.manifest import Skipped, manifest_base_dir
+from pipeline.manifest import manifest_base_dir
 from pipeline.pricing import Price
 from pipeline.records import (
     FAILED_STATUSES,
     STATUSES,
     TEXT_STATUSES,
     ConfigError,
-    ErrorKind,
-    ImageTask,
-    ManifestError,
-    RowError,
     VisionResult,
 )
-from pipeline.request import plan_request
-from pipeline.results import failed_result, manifest_failure
-from pipeline.runner import RunOptions, _start_emulator, _stream_manifest
+from pipeline.runner import RunOptions, _start_emulator
 from pipeline.sink import STATS_FILE, Sink, write_json_atomic
 from pipeline.structured import Structured
 from pipeline.summary import RunSummary, Tally, summary_as_dict
@@ -80,10 +75,6 @@ ADOPT_MARGIN_S = (
 )
 
 
-def is_turbo_model(model: str) -> bool:
-    return model.lower().startswith(TURBO_MODEL_PREFIXES)
-
-
 async def run_batch(
     cfg: RunConfig, options: RunOptions, key: str | None, price: Price | None, structured: Structured | None
 ) -> RunSummary:
@@ -91,6 +82,11 @@ async def run_batch(
 
     Raises ConfigError (exit 2) for a setting the service cannot serve, before anything is uploaded.
     """
+    if cfg.limits.max_cost_usd is not None:
+        raise ConfigError(
+            f"{cfg.source}: limits.max_cost_usd (or --max-cost) is not supported with "
+            'endpoint.mode = "batch": `estimate` shows the batch cost before you submit'
+        )
     if options.no_wait and cfg.endpoint.provider == "emulator":
         raise ConfigError(
             f"{cfg.source}: --no-wait: provider 'emulator' runs inside this process and its "
@@ -197,15 +193,33 @@ class BatchEngine:
 
     async def run(self) -> None:
         await asyncio.to_thread(_fresh_folder, self.folder)
+        planner = Planner(
+            self.cfg,
+            self.options,
+            self.folder,
+            self.pool,
+            self.structured,
+            commit=self.commit,
+            is_committed=self.is_committed,
+            tally=self.tally,
+        )
         await self.adopt_orphans()
         await self.refresh()  # jobs of earlier runs that ended: collected before anything is planned
         for round_no in range(1, self.cfg.batch.max_rounds + 1):
-            files = await self.plan_and_pack(first_round=round_no == 1)
+            state = self.ledger.state
+            held = state.held_row_ids() | self.not_again
+            files = await planner.plan_and_pack(held, state.next_file_no(), first_round=round_no == 1)
+            await self.sink.flush()  # rows that failed planning
             for packed in files:
                 await self.upload(packed)
             if self.options.no_wait:
                 await self.create_waiting()
                 waiting = self.ledger.state.waiting_files()
+                live = self.ledger.state.uncollected()
+                self.stopped_because = (
+                    f"--no-wait: {len(live)} batch jobs running, {len(waiting)} files waiting for quota; "
+                    "a later run collects them"
+                )
                 log.info(
                     "submitted; %d jobs running, %d files waiting for quota: a later run collects",
                     len(self.ledger.state.uncollected()),
@@ -223,96 +237,6 @@ class BatchEngine:
             log.warning("%s (batches expired, were cancelled or refused)", self.stopped_because)
 
     # ---- planning ------------------------------------------------------------------------------------
-
-    async def plan_and_pack(self, *, first_round: bool) -> list[PackedFile]:
-        """Plan every row neither committed nor held into closed files on disk; commit rows that fail."""
-        held = self.ledger.state.held_row_ids()
-        packer = Packer(self.folder, self.ledger.state.next_file_no(), self.cfg.batch)
-        closed: list[PackedFile] = []
-        taken: set[str] = set()
-        lock = asyncio.Lock()
-        queue: asyncio.Queue[ImageTask | None] = asyncio.Queue(2 * self.cfg.limits.concurrency)
-        workers = self.cfg.limits.concurrency
-
-        async def produce() -> None:
-            limit = self.options.limit
-            async for item in _stream_manifest(self.options.manifest, self.cfg, self.prior):
-                if limit is not None and len(taken) >= limit:
-                    break
-                if isinstance(item, Skipped) or self.is_committed(item.row_id) or item.row_id in held:
-                    self.tally.skipped += first_round
-                    continue
-                if item.row_id in self.not_again:
-                    continue
-                if item.row_id in taken:
-                    self.tally.duplicates += first_round
-                    continue
-                taken.add(item.row_id)
-                if isinstance(item, ManifestError):
-                    await self.commit(manifest_failure(item, self.cfg))
-                    continue
-                self.refuse_turbo_images(item)
-                await queue.put(item)
-            for _ in range(workers):
-                await queue.put(None)
-
-        async def work() -> None:
-            while (task := await queue.get()) is not None:
-                packed = await self.plan_row(task)
-                if packed is None:
-                    continue
-                line, row = packed
-                refusal = packer.check(line, row)
-                if refusal is not None:
-                    await self.commit(failed_result(task, refusal, self.cfg, row.estimated_prompt_tokens))
-                    continue
-                async with lock:
-                    if (full := await asyncio.to_thread(packer.add, line, row)) is not None:
-                        closed.append(full)
-
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(produce(), name="producer")
-                for n in range(workers):
-                    tg.create_task(work(), name=f"planner-{n}")
-        except* ConfigError as group:
-            raise group.exceptions[0] from None
-        if (last := await asyncio.to_thread(packer.finish)) is not None:
-            closed.append(last)
-        await self.sink.flush()  # rows refused at plan time
-        return closed
-
-    def refuse_turbo_images(self, task: ImageTask) -> None:
-        ep = self.cfg.endpoint
-        if ep.provider == "azure" and is_turbo_model(ep.model) and task.images:
-            raise ConfigError(
-                f"{self.cfg.source}: endpoint.model = {ep.model!r}: Azure's Global Batch does not caption "
-                "images with GPT-4 Turbo; deploy gpt-4o or later as a Global-Batch deployment and name it "
-                "in endpoint.deployment and endpoint.model (nothing was uploaded)"
-            )
-
-    async def plan_row(self, task: ImageTask) -> tuple[bytes, PackedRow] | None:
-        """The row's line, as live mode would send it; None when the row failed (committed as error)."""
-        estimated: int | None = None
-        try:
-            images = await prepare_images(task, self.base_dir, self.cfg, self.pool)
-            plan = plan_request(task, images, self.cfg, self.structured)
-            estimated = plan.estimated_prompt_tokens
-            if plan.refusal is not None:
-                raise plan.refusal
-        except RowError as err:
-            await self.commit(failed_result(task, err, self.cfg, estimated))
-            return None
-        except Exception as err:  # a surprise fails this row, not the run
-            log.exception("row %r: unexpected error", task.row_id)
-            surprise = RowError(
-                task.row_id, f"unexpected {type(err).__name__}: {err}", kind=ErrorKind.UNEXPECTED
-            )
-            await self.commit(failed_result(task, surprise, self.cfg, estimated))
-            return None
-        custom_id = custom_id_for(task.row_id)
-        line = await asyncio.to_thread(batch_line, plan.body, custom_id, self.cfg.endpoint)
-        return line, PackedRow(custom_id, task, plan.estimated_prompt_tokens)
 
     async def commit(self, result: VisionResult) -> None:
         result = dataclasses.replace(result, mode="batch")
@@ -553,19 +477,6 @@ class BatchEngine:
             len(collected.results),
             len(collected.left),
         )
-
-
-BATCH_STATUS_FILE = "_batches_status.json"  # each job's last Batch object, for `status`
-
-
-def read_batch_status(output: Path) -> dict[str, dict[str, Any]]:
-    """Each job's Batch object as last polled (``_batches_status.json``); {} when never polled."""
-    try:
-        value = json.loads((output / BATCH_STATUS_FILE).read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError):
-        return {}
-    batches = value.get("batches") if isinstance(value, dict) else None
-    return dict(batches) if isinstance(batches, dict) else {}
 
 
 def _fresh_folder(folder: Path) -> None:

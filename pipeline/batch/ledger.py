@@ -29,6 +29,7 @@ from pipeline.batch.lines import PackedFile, PackedRow
 from pipeline.records import ImageTask
 
 LEDGER_FILE = "_batches.jsonl"
+BATCH_STATUS_FILE = "_batches_status.json"  # each job's Batch object as last polled, for `status`
 BATCH_FILES_DIR = "_batch_files"  # input files while they upload, output files while they are read
 TERMINAL_STATUSES = frozenset({"completed", "expired", "cancelled", "failed"})
 
@@ -201,3 +202,51 @@ def _packed_row(value: Mapping[str, Any]) -> PackedRow:
 
 def rows_by_custom_id(rows: Iterable[PackedRow]) -> dict[str, PackedRow]:
     return {row.custom_id: row for row in rows}
+
+
+def read_batch_status(output: Path) -> dict[str, dict[str, Any]]:
+    """Each job's Batch object as last polled (``_batches_status.json``); {} when never polled."""
+    try:
+        value = json.loads((output / BATCH_STATUS_FILE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return {}
+    batches = value.get("batches") if isinstance(value, dict) else None
+    return dict(batches) if isinstance(batches, dict) else {}
+
+
+@dataclass(frozen=True, slots=True)
+class BatchInfo:
+    """One job of an output, for ``status``: as the ledger and the last poll know it."""
+
+    batch_id: str
+    state: str  # the service's status at the last poll; "collected" once its answers are committed
+    rows: int
+    total: int | None  # request counts at the last poll
+    completed: int | None
+    failed: int | None
+    age_s: float  # since it was created
+    left: int = 0  # rows it left over, once collected
+
+
+def batch_infos(output: Path, now: float) -> list[BatchInfo]:
+    """Every job the output's ledger knows, oldest first. Blocking; [] without a ledger."""
+    state = Ledger(output).state
+    polled = read_batch_status(output)
+    infos = []
+    for batch in sorted(state.batches.values(), key=lambda b: b.created_at):
+        seen = polled.get(batch.batch_id) or {}
+        counts = seen.get("request_counts") or {}
+        status = "collected" if batch.is_collected else str(seen.get("status") or batch.status or "created")
+        infos.append(
+            BatchInfo(
+                batch.batch_id,
+                status,
+                len(state.files[batch.file_no].rows),
+                counts.get("total"),
+                counts.get("completed"),
+                counts.get("failed"),
+                round(now - batch.created_at, 1),
+                batch.left,
+            )
+        )
+    return infos
