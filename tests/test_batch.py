@@ -10,14 +10,16 @@ from typing import Any
 import pyarrow.dataset as ds
 import pytest
 from click.testing import CliRunner
-from conftest import KEY_ENV, TEST_KEY, make_image, write_csv
+from conftest import KEY_ENV, ROOT, TEST_KEY, make_image, write_csv
 
 from pipeline.batch.control import cancel_batches
 from pipeline.batch.ledger import LEDGER_FILE, read_records
 from pipeline.cli import main
-from pipeline.config import EmulatorConfig, RunConfig, config_from_mapping
+from pipeline.config import EmulatorConfig, RunConfig, config_from_mapping, load_config
 from pipeline.emulator import FILTER_MARKER, Emulator
 from pipeline.emulator.batches import BatchScript
+from pipeline.estimate import EstimateOptions, estimate
+from pipeline.estimate_text import estimate_as_json, format_estimate
 from pipeline.exits import EXIT_OK, EXIT_ROW_ERRORS, EXIT_USAGE
 from pipeline.pricing import price_for_run, usage_cost_usd
 from pipeline.records import ConfigError, Usage
@@ -284,3 +286,25 @@ def test_azure_gpt_4_turbo_with_images_in_batch_mode_exits_2_before_uploading(tm
 
     assert result.exit_code == EXIT_USAGE and uploaded == {}
     assert "gpt-4-turbo-2024-04-09" in result.output and "gpt-4o" in result.output
+
+
+async def test_the_shipped_emulator_batch_config_runs_the_whole_flow_in_process(tmp_path):
+    manifest = manifest_of(tmp_path, 3)
+    cfg = load_config(ROOT / "configs" / "emulator-batch.toml")
+
+    summary = await run(cfg, options(tmp_path, manifest))
+
+    assert summary.counts["ok"] == 3 and {r["mode"] for r in rows_by_id(tmp_path / "out").values()} == {
+        "batch"
+    }
+
+
+async def test_the_estimate_of_a_batch_config_shows_the_batch_cost_and_up_to_24_hours(
+    tmp_path, batch_emulator
+):
+    manifest = manifest_of(tmp_path, 3)
+
+    result = await estimate(batch_config(batch_emulator), EstimateOptions(manifest))
+
+    assert "duration up to 24 h" in format_estimate(result)
+    assert estimate_as_json(result)["mode"] == "batch" and estimate_as_json(result)["batch_duration_h"] == 24
