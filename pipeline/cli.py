@@ -20,11 +20,11 @@ import click
 from pipeline.config import load_config, with_max_cost
 from pipeline.estimate import EstimateOptions, estimate
 from pipeline.estimate_text import estimate_as_json, format_estimate
-from pipeline.exits import EXIT_MEANINGS, EXIT_OK, EXIT_OUTPUT_FAILED, EXIT_USAGE
+from pipeline.exits import EXIT_MEANINGS, EXIT_OK, EXIT_OUTPUT_FAILED, EXIT_REFUSED, EXIT_USAGE
 from pipeline.logs import LOG_FORMATS, LogFormat, setup_logging
 from pipeline.plan import parse_window_h
 from pipeline.preview import preview_as_json, preview_first_request
-from pipeline.records import ConfigError
+from pipeline.records import ConfigError, RunAborted
 from pipeline.report import REPORT_FILE, write_report
 from pipeline.runner import RunOptions, run
 from pipeline.status import format_status, read_status
@@ -269,7 +269,11 @@ def batches_cancel_command(output: Path, config: Path | None) -> None:
     _setup_logging(0, True)
     with _exit_on_errors(f"read {output}"):
         cfg = load_config(config or last_run_config(output))
-        answers = asyncio.run(cancel_batches(cfg, output, api_key(cfg)))
+        try:
+            answers = asyncio.run(cancel_batches(cfg, output, api_key(cfg)))
+        except RunAborted as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(EXIT_REFUSED)
     for batch_id, status in answers:
         click.echo(f"{batch_id}: {status}")
     if not answers:

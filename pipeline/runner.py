@@ -96,7 +96,7 @@ async def run(cfg: RunConfig, options: RunOptions) -> RunSummary:
     price = price_for_run(cfg) if cfg.limits.max_cost_usd is not None else _price_or_none(cfg)
     with checkpoint.output_lock(options.output):
         if cfg.endpoint.mode == "batch":
-            from pipeline.batch.engine import run_batch  # the Batch API transport (pipeline/batch/)
+            from pipeline.batch.run import run_batch  # the Batch API transport (pipeline/batch/)
 
             return await run_batch(cfg, options, key, price, structured)
         return await _run_locked(cfg, options, key, price, structured)

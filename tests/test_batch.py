@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import pyarrow.dataset as ds
 import pytest
-from click.testing import CliRunner
 from conftest import KEY_ENV, ROOT, TEST_KEY, make_image, write_csv
 
 from pipeline.batch.control import cancel_batches
 from pipeline.batch.ledger import LEDGER_FILE, read_records
-from pipeline.cli import main
 from pipeline.config import EmulatorConfig, RunConfig, config_from_mapping, load_config
 from pipeline.emulator import FILTER_MARKER, Emulator
 from pipeline.emulator.batches import BatchScript
@@ -190,7 +189,8 @@ async def test_error_lines_are_error_rows_with_their_code_and_filtered_prompts_a
     emulator_cfg = EmulatorConfig(batch_fail_every=3)  # the third line fails
 
     async with Emulator(emulator_cfg, api_key=TEST_KEY, model="gpt-4o") as emu:
-        summary = await run(batch_config(emu), options(tmp_path, manifest))
+        one_planner = batch_config(emu, limits={"concurrency": 1})  # lines in manifest order
+        summary = await run(one_planner, options(tmp_path, manifest))
 
     out = rows_by_id(tmp_path / "out")
     assert summary.exit_code == EXIT_ROW_ERRORS
@@ -264,28 +264,24 @@ def test_an_azure_api_version_before_2024_07_01_preview_is_refused_in_batch_mode
         config_from_mapping({"endpoint": endpoint})
 
 
-def test_azure_gpt_4_turbo_with_images_in_batch_mode_exits_2_before_uploading(tmp_path, key_in_env):
+async def test_azure_gpt_4_turbo_with_images_in_batch_mode_exits_2_before_uploading(tmp_path, key_in_env):
     manifest = manifest_of(tmp_path, 2)
     config = tmp_path / "azure-batch.toml"
 
-    async def serve_and_run() -> Any:
-        async with Emulator(api_key=TEST_KEY, deployment="turbo-batch") as emu:
-            config.write_text(
-                f'[endpoint]\nprovider = "azure"\nurl = "{emu.url}"\ndeployment = "turbo-batch"\n'
-                f'api_key_env = "{KEY_ENV}"\napi_version = "2024-10-21"\nmode = "batch"\n'
-                'model = "gpt-4-turbo-2024-04-09"\n'
-            )
-            result = await asyncio.to_thread(
-                CliRunner().invoke,
-                main,
-                ["run", str(config), "--manifest", str(manifest), "--output", str(tmp_path / "out")],
-            )
-            return result, emu.batches.files
+    async with Emulator(api_key=TEST_KEY, deployment="turbo-batch") as emu:
+        config.write_text(
+            f'[endpoint]\nprovider = "azure"\nurl = "{emu.url}"\ndeployment = "turbo-batch"\n'
+            f'api_key_env = "{KEY_ENV}"\napi_version = "2024-10-21"\nmode = "batch"\n'
+            'model = "gpt-4-turbo-2024-04-09"\n'
+        )
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pipeline", "run", str(config), "--manifest", str(manifest),
+            "--output", str(tmp_path / "out"), stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+        )  # fmt: skip
+        _, stderr = await process.communicate()
 
-    result, uploaded = asyncio.run(serve_and_run())
-
-    assert result.exit_code == EXIT_USAGE and uploaded == {}
-    assert "gpt-4-turbo-2024-04-09" in result.output and "gpt-4o" in result.output
+    assert process.returncode == EXIT_USAGE and emu.batches.files == {}
+    assert "gpt-4-turbo-2024-04-09" in stderr.decode() and "gpt-4o" in stderr.decode()
 
 
 async def test_the_shipped_emulator_batch_config_runs_the_whole_flow_in_process(tmp_path):

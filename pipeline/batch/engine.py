@@ -1,7 +1,7 @@
 """A batch run: plan rows into JSONL files, upload, create jobs, poll, and commit every answer once.
 
-``run_batch`` is what ``runner.run`` calls for ``endpoint.mode = "batch"`` (inside the output lock). In
-order: commit what a killed live run journalled; settle the ledger (a job whose ``created`` line a kill
+``BatchEngine.run`` is the work of a batch run (``run.run_batch`` opens the output and wires it). In
+order: settle the ledger (a job whose ``created`` line a kill
 cut off is found by listing the service's batches and matching its input file); collect every job
 that ended; then, up to ``batch.max_rounds`` times, plan the rows neither committed nor held by a job
 (``ledger.LedgerState.held_row_ids``) with the same request plan as live mode, pack, upload, create,
@@ -17,9 +17,7 @@ and skips the committed ids), and a row is never planned while a job holding it 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import functools
 import logging
 import random
 import shutil
@@ -29,10 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
-from pipeline import checkpoint
-from pipeline.batch.api import BatchApi, BatchApiError, surface_for
+from pipeline.batch.api import BatchApi, BatchApiError
 from pipeline.batch.collect import collect_files
 from pipeline.batch.ledger import (
     BATCH_FILES_DIR,
@@ -48,22 +43,15 @@ from pipeline.batch.lines import PackedFile, line_url
 from pipeline.batch.planner import Planner
 from pipeline.client import backoff_s
 from pipeline.config import RunConfig
-from pipeline.exits import EXIT_OK, EXIT_ROW_ERRORS
-from pipeline.images import image_threads
-from pipeline.journal import JOURNAL_DIR, Recovered, recover
 from pipeline.manifest import manifest_base_dir
 from pipeline.pricing import Price
 from pipeline.records import (
-    FAILED_STATUSES,
-    STATUSES,
-    TEXT_STATUSES,
-    ConfigError,
     VisionResult,
 )
-from pipeline.runner import RunOptions, _start_emulator
-from pipeline.sink import STATS_FILE, Sink, write_json_atomic
+from pipeline.runner import RunOptions
+from pipeline.sink import Sink, write_json_atomic
 from pipeline.structured import Structured
-from pipeline.summary import RunSummary, Tally, summary_as_dict
+from pipeline.summary import Tally
 
 log = logging.getLogger(__name__)
 
@@ -73,86 +61,6 @@ METADATA_RUN, METADATA_FILE = "vision_pipeline_run", "vision_pipeline_file"
 ADOPT_MARGIN_S = (
     3600.0  # list batches created this long before the oldest unmatched upload, clocks may differ
 )
-
-
-async def run_batch(
-    cfg: RunConfig, options: RunOptions, key: str | None, price: Price | None, structured: Structured | None
-) -> RunSummary:
-    """Caption the manifest's rows not yet committed through the Batch API (module docstring).
-
-    Raises ConfigError (exit 2) for a setting the service cannot serve, before anything is uploaded.
-    """
-    if cfg.limits.max_cost_usd is not None:
-        raise ConfigError(
-            f"{cfg.source}: limits.max_cost_usd (or --max-cost) is not supported with "
-            'endpoint.mode = "batch": `estimate` shows the batch cost before you submit'
-        )
-    if options.no_wait and cfg.endpoint.provider == "emulator":
-        raise ConfigError(
-            f"{cfg.source}: --no-wait: provider 'emulator' runs inside this process and its "
-            "batches end with it; point endpoint.url at a running `vision-pipeline emulator`"
-        )
-    loop = asyncio.get_running_loop()
-    started_at, started = time.time(), loop.time()
-    recovered = Recovered()
-    if (options.output / JOURNAL_DIR).is_dir():  # a live run was killed here: commit what it paid for
-        recovered = await asyncio.to_thread(recover, options.output)
-    resume = await asyncio.to_thread(
-        functools.partial(
-            checkpoint.open_output,
-            options.output,
-            cfg,
-            options.manifest,
-            started_at,
-            retry_failed=options.retry_failed,
-            new_run=options.new_run,
-            answer_format=None if structured is None else structured.fingerprint,
-        )
-    )
-    async with contextlib.AsyncExitStack() as stack:
-        if cfg.endpoint.provider == "emulator":
-            cfg = await _start_emulator(cfg, key, stack)
-        session = await stack.enter_async_context(aiohttp.ClientSession())
-        pool = ThreadPoolExecutor(image_threads(cfg.images), thread_name_prefix="images")
-        stack.callback(pool.shutdown, wait=True, cancel_futures=True)
-        api = BatchApi(session, surface_for(cfg.endpoint, key), cfg.limits)
-        typed = () if structured is None else structured.columns
-        sink = Sink(options.output, cfg.output, resume.run_id, typed_columns=typed)
-        engine = BatchEngine(cfg, options, api, sink, resume.skip, resume.run_id, pool, price, structured)
-        await engine.run()
-    tally, duration_s = engine.tally, loop.time() - started
-    is_failed = any(tally.counts[status] for status in FAILED_STATUSES)
-    summary = RunSummary(
-        output=options.output,
-        run_id=resume.run_id,
-        counts={s: tally.counts[s] for s in STATUSES if s in TEXT_STATUSES or tally.counts[s]},
-        skipped=tally.skipped,
-        duplicates=tally.duplicates,
-        prompt_tokens=tally.prompt_tokens,
-        completion_tokens=tally.completion_tokens,
-        cost_usd=round(tally.cost_usd, 6) if price else None,
-        retries=0,
-        pauses=0,
-        paused_s=0.0,
-        duration_s=round(duration_s, 3),
-        exit_code=EXIT_ROW_ERRORS if is_failed else EXIT_OK,
-        stopped_because=engine.stopped_because,
-        rows_per_s=round(sum(tally.counts.values()) / duration_s, 3) if duration_s > 0 else 0.0,
-        recovered_rows=recovered.rows,
-        recovered_cost_usd=recovered.cost_usd,
-    )
-    stats = summary_as_dict(summary)
-    log.info(
-        "run %s finished with exit code %d",
-        resume.run_id,
-        summary.exit_code,
-        extra={"event": "run_finished", **stats},
-    )
-    try:
-        await asyncio.to_thread(write_json_atomic, options.output / STATS_FILE, stats)
-    except OSError as err:
-        log.error("could not write %s: %s", STATS_FILE, err)
-    return summary
 
 
 class BatchEngine:
