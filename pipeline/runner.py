@@ -107,21 +107,7 @@ async def _run_locked(
 ) -> RunSummary:
     loop = asyncio.get_running_loop()
     started_at, started = time.time(), loop.time()
-    recovered = Recovered()
-    if (options.output / JOURNAL_DIR).is_dir():  # a run before this one was killed: commit what it paid for
-        recovered = await asyncio.to_thread(recover, options.output)
-    resume = await asyncio.to_thread(
-        functools.partial(
-            checkpoint.open_output,
-            options.output,
-            cfg,
-            options.manifest,
-            started_at,
-            retry_failed=options.retry_failed,
-            new_run=options.new_run,
-            answer_format=None if structured is None else structured.fingerprint,
-        )
-    )
+    recovered, resume = await open_run_output(cfg, options, structured, started_at)
     run_id = resume.run_id
     if resume.archived:
         log.warning("rows made with other settings moved to %s", resume.archived)
@@ -211,6 +197,30 @@ async def _run_locked(
     except OSError as err:
         log.error("could not write %s: %s", STATS_FILE, err)
     return summary
+
+
+async def open_run_output(
+    cfg: RunConfig, options: RunOptions, structured: Structured | None, started_at: float
+) -> tuple[Recovered, checkpoint.Resume]:
+    """Commit what a killed run journalled, then open the output for this run (``checkpoint.open_output``).
+
+    Every engine starts here (the local one, the batch one)."""
+    recovered = Recovered()
+    if (options.output / JOURNAL_DIR).is_dir():  # a run before this one was killed: commit what it paid for
+        recovered = await asyncio.to_thread(recover, options.output)
+    resume = await asyncio.to_thread(
+        functools.partial(
+            checkpoint.open_output,
+            options.output,
+            cfg,
+            options.manifest,
+            started_at,
+            retry_failed=options.retry_failed,
+            new_run=options.new_run,
+            answer_format=None if structured is None else structured.fingerprint,
+        )
+    )
+    return recovered, resume
 
 
 def _rows_left(cfg: RunConfig, options: RunOptions) -> int:

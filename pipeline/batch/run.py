@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import signal
 import time
@@ -17,16 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 
-from pipeline import checkpoint
 from pipeline.batch.api import BatchApi, surface_for
 from pipeline.batch.engine import BatchEngine
 from pipeline.config import RunConfig
 from pipeline.exits import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROW_ERRORS
 from pipeline.images import image_threads
-from pipeline.journal import JOURNAL_DIR, Recovered, recover
 from pipeline.pricing import Price
 from pipeline.records import FAILED_STATUSES, STATUSES, TEXT_STATUSES, ConfigError
-from pipeline.runner import RunOptions, _start_emulator
+from pipeline.runner import RunOptions, _start_emulator, open_run_output
 from pipeline.sink import STATS_FILE, Sink, write_json_atomic
 from pipeline.structured import Structured
 from pipeline.summary import RunSummary, summary_as_dict
@@ -53,21 +50,7 @@ async def run_batch(
         )
     loop = asyncio.get_running_loop()
     started_at, started = time.time(), loop.time()
-    recovered = Recovered()
-    if (options.output / JOURNAL_DIR).is_dir():  # a live run was killed here: commit what it paid for
-        recovered = await asyncio.to_thread(recover, options.output)
-    resume = await asyncio.to_thread(
-        functools.partial(
-            checkpoint.open_output,
-            options.output,
-            cfg,
-            options.manifest,
-            started_at,
-            retry_failed=options.retry_failed,
-            new_run=options.new_run,
-            answer_format=None if structured is None else structured.fingerprint,
-        )
-    )
+    recovered, resume = await open_run_output(cfg, options, structured, started_at)
     async with contextlib.AsyncExitStack() as stack:
         if cfg.endpoint.provider == "emulator":
             cfg = await _start_emulator(cfg, key, stack)
