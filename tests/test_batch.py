@@ -304,3 +304,14 @@ async def test_the_estimate_of_a_batch_config_shows_the_batch_cost_and_up_to_24_
 
     assert "duration up to 24 h" in format_estimate(result)
     assert estimate_as_json(result)["mode"] == "batch" and estimate_as_json(result)["batch_duration_h"] == 24
+
+
+async def test_retry_failed_in_batch_mode_replaces_the_error_row(tmp_path, key_in_env):
+    manifest = manifest_of(tmp_path, 3)
+    async with Emulator(EmulatorConfig(batch_fail_every=3), api_key=TEST_KEY, model="gpt-4o") as emu:
+        await run(batch_config(emu, limits={"concurrency": 1}), options(tmp_path, manifest))
+    async with Emulator(api_key=TEST_KEY, model="gpt-4o") as emu:
+        summary = await run(batch_config(emu), options(tmp_path, manifest, retry_failed=True))
+
+    rows = rows_by_id(tmp_path / "out")
+    assert summary.counts["ok"] == 1 and [r["status"] for r in rows.values()] == ["ok"] * 3

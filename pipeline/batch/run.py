@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 
+from pipeline import checkpoint
 from pipeline.batch.api import BatchApi, surface_for
 from pipeline.batch.engine import BatchEngine
 from pipeline.config import RunConfig
@@ -62,6 +63,9 @@ async def run_batch(
         sink = Sink(options.output, cfg.output, resume.run_id, typed_columns=typed)
         engine = BatchEngine(cfg, options, api, sink, resume.skip, resume.run_id, pool, price, structured)
         interrupted = await _run_until_signal(engine, options.handle_signals, cfg.limits.grace_s)
+    if resume.retrying:  # --retry-failed: newer rows replace the error rows they retried
+        superseded = await asyncio.to_thread(checkpoint.compact, options.output)
+        log.info("retried rows replaced %d earlier error rows", superseded)
     tally, duration_s = engine.tally, loop.time() - started
     is_failed = any(tally.counts[status] for status in FAILED_STATUSES)
     summary = RunSummary(
