@@ -23,6 +23,7 @@ import random
 import shutil
 import time
 from collections import Counter
+from collections.abc import Container
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,6 @@ from pipeline.batch.lines import PackedFile, line_url
 from pipeline.batch.planner import Planner
 from pipeline.client import backoff_s
 from pipeline.config import RunConfig
-from pipeline.manifest import manifest_base_dir
 from pipeline.pricing import Price
 from pipeline.records import (
     VisionResult,
@@ -58,9 +58,7 @@ log = logging.getLogger(__name__)
 TURBO_MODEL_PREFIXES = ("gpt-4-turbo", "gpt-4-vision", "gpt-4-1106-vision")  # no images in Azure Global Batch
 QUOTA_CODE = "token_limit_exceeded"
 METADATA_RUN, METADATA_FILE = "vision_pipeline_run", "vision_pipeline_file"
-ADOPT_MARGIN_S = (
-    3600.0  # list batches created this long before the oldest unmatched upload, clocks may differ
-)
+ADOPT_MARGIN_S = 3600.0  # list jobs created this long before the oldest unmatched upload: clocks differ
 
 
 class BatchEngine:
@@ -72,7 +70,7 @@ class BatchEngine:
         options: RunOptions,
         api: BatchApi,
         sink: Sink,
-        prior: Any,
+        prior: Container[str],
         run_id: str,
         pool: ThreadPoolExecutor,
         price: Price | None,
@@ -83,7 +81,6 @@ class BatchEngine:
         self.run_id, self.pool, self.price, self.structured = run_id, pool, price, structured
         self.ledger = Ledger(options.output)
         self.folder = options.output / BATCH_FILES_DIR
-        self.base_dir = manifest_base_dir(options.manifest)  # relative image paths start here
         self.committed: set[str] = set()  # ids committed by this run
         self.left: set[str] = set()  # ids a job of this run's rounds left over
         self.not_again: set[str] = set()  # ids of a job the service refused whole: for a later run
@@ -91,9 +88,7 @@ class BatchEngine:
         self.stopped_because: str | None = None
         self.quota_attempt = 0
         self.quota_retry_at = 0.0  # loop time before which no job is created (token_limit_exceeded)
-        self.last_seen: dict[str, dict[str, Any]] = read_batch_status(
-            options.output
-        )  # id → last Batch object
+        self.last_seen: dict[str, dict[str, Any]] = read_batch_status(options.output)  # id → Batch object
         self.rng = random.Random()
 
     def is_committed(self, row_id: str) -> bool:
@@ -120,8 +115,8 @@ class BatchEngine:
             await self.sink.flush()  # rows that failed planning
             for packed in files:
                 await self.upload(packed)
+                await self.create_waiting()  # its job starts while the next file uploads
             if self.options.no_wait:
-                await self.create_waiting()
                 waiting = self.ledger.state.waiting_files()
                 live = self.ledger.state.uncollected()
                 self.stopped_because = (
