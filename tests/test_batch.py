@@ -105,7 +105,7 @@ async def test_no_wait_submits_and_exits_0_and_a_later_run_collects(tmp_path, ba
         and "later run collects" in (first.stopped_because or "")
     )
     assert [b.rows for b in status.batches] == [5] and status.batches[0].batch_id in format_status(status)
-    assert second.counts["ok"] == 5 and len(rows_by_id(tmp_path / "out")) == 5
+    assert second.counts["ok"] == 5 and second.skipped == 0 and len(rows_by_id(tmp_path / "out")) == 5
     assert batch_emulator.batches.stats.created == 1  # collected, not submitted again
     assert read_status(tmp_path / "out").batches[0].state == "collected"
 
@@ -315,3 +315,26 @@ async def test_retry_failed_in_batch_mode_replaces_the_error_row(tmp_path, key_i
 
     rows = rows_by_id(tmp_path / "out")
     assert summary.counts["ok"] == 1 and [r["status"] for r in rows.values()] == ["ok"] * 3
+
+
+async def test_sigterm_stops_a_batch_run_with_130_and_the_next_run_collects_its_job(tmp_path, key_in_env):
+    manifest = manifest_of(tmp_path, 3)
+    config, output = tmp_path / "batch.toml", tmp_path / "out"
+    async with Emulator(EmulatorConfig(batch_delay_s=2.0), api_key=TEST_KEY, model="gpt-4o") as emu:
+        config.write_text(
+            f'[endpoint]\nprovider = "openai"\nurl = "{emu.url}/v1"\napi_key_env = "{KEY_ENV}"\n'
+            'model = "gpt-4o"\nmode = "batch"\n[batch]\npoll_s = 0.05\n'
+        )
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pipeline", "run", str(config), "--manifest", str(manifest),
+            "--output", str(output), "-q", stdout=asyncio.subprocess.DEVNULL, cwd=ROOT,
+        )  # fmt: skip
+        while not any(r["event"] == "created" for r in read_records(output / LEDGER_FILE)):
+            await asyncio.sleep(0.02)
+        process.terminate()
+        code = await process.wait()
+
+        summary = await run(batch_config(emu), options(tmp_path, manifest))
+
+    assert code == 130
+    assert summary.counts["ok"] == 3 and emu.batches.stats.created == 1

@@ -102,6 +102,7 @@ class BatchEngine:
             self.folder,
             self.pool,
             self.structured,
+            prior=self.prior,
             commit=self.commit,
             is_committed=self.is_committed,
             tally=self.tally,

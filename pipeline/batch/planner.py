@@ -48,6 +48,7 @@ class Planner:
         pool: Executor,
         structured: Structured | None,
         *,
+        prior: Container[str],
         commit: Callable[[VisionResult], Awaitable[None]],
         is_committed: Callable[[str], bool],
         tally: Tally,
@@ -60,6 +61,7 @@ class Planner:
             structured,
         )
         self.commit, self.is_committed, self.tally = commit, is_committed, tally
+        self.prior = prior  # ids committed before this run
         self.base_dir = manifest_base_dir(options.manifest)  # relative image paths start here
 
     async def plan_and_pack(
@@ -83,7 +85,8 @@ class Planner:
                 if limit is not None and len(taken) >= limit:
                     break
                 if isinstance(item, Skipped) or self.is_committed(item.row_id) or item.row_id in held:
-                    self.tally.skipped += int(first_round)
+                    # "already done": committed by an earlier run; held rows are counted when collected
+                    self.tally.skipped += int(first_round and item.row_id in self.prior)
                     continue
                 if item.row_id in taken:
                     self.tally.duplicates += int(first_round)
