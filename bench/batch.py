@@ -8,7 +8,7 @@ before answering a job. Reported: plan + pack + upload time (from the run's star
 ``uploaded``), the files' sizes and line counts (from the ledger), the total time to a committed dataset,
 and the cost of the committed rows against the same usage at the live price (should be 50 %).
 
-Part 2 (chaos): `--chaos-rows` rows of small images at detail low, files of 250 lines, a 3-s processing
+Part 2 (chaos): `--chaos-rows` rows of small images at detail low, files of 100 lines, a 3-s processing
 delay; the CLI is SIGKILLed `--kills` times, each at a moment picked from the ledger: while a file uploads
 (after ``packed``), while a job is created (after ``creating``), while it is polled (after ``created``), while
 it is collected (after ``ended``) or at a random time; then one run finishes. Nothing trusts the pipeline:
@@ -46,7 +46,7 @@ KEY_ENV = "BATCH_BENCH_KEY"
 KEY = "bench-key"
 PHOTO_SIZE = (1600, 1200)
 DISTINCT_PHOTOS = 100
-CHAOS_FILE_LINES = 250
+CHAOS_FILE_LINES = 100
 CHAOS_DELAY_S = 3.0
 KILL_MOMENTS = ("packed", "creating", "created", "ended", "random")
 RUN_TIMEOUT_S = 3600.0
@@ -212,7 +212,7 @@ def chaos_part(args: argparse.Namespace, work: Path) -> bool:
             process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log_file)
             deadline = time.monotonic() + 120
             if moment == "random":
-                time.sleep(rng.uniform(0.5, 15.0))
+                time.sleep(rng.uniform(0.5, 6.0))
                 hit = process.poll() is None
             else:
                 hit = wait_for_event(output, moment, deadline, process)
