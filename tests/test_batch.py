@@ -338,3 +338,25 @@ async def test_sigterm_stops_a_batch_run_with_130_and_the_next_run_collects_its_
 
     assert code == 130
     assert summary.counts["ok"] == 3 and emu.batches.stats.created == 1
+
+
+async def test_the_batches_cancel_command_cancels_the_outputs_running_jobs(
+    tmp_path, batch_emulator, key_in_env
+):
+    manifest, config = manifest_of(tmp_path, 3), tmp_path / "batch.toml"
+    config.write_text(
+        f'[endpoint]\nprovider = "openai"\nurl = "{batch_emulator.url}/v1"\napi_key_env = "{KEY_ENV}"\n'
+        'model = "gpt-4o"\nmode = "batch"\n'
+    )
+    batch_emulator.batches.scripts.append(BatchScript(stall_after_lines=1))
+    await run(batch_config(batch_emulator), options(tmp_path, manifest, no_wait=True))
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pipeline", "batches", "cancel", str(tmp_path / "out"), "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    stdout, _ = await process.communicate()
+
+    (job,) = batch_emulator.batches.batches.values()
+    assert process.returncode == 0 and f"{job['id']}: cancelling" in stdout.decode()
+    assert job["status"] in ("cancelling", "cancelled")
