@@ -16,12 +16,11 @@ pixels are counted here, in the emulator, or after ``images.py`` has downscaled 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import lru_cache
 from typing import Any
-
-import bpe_openai
 
 LOW_VIEW_PX = 512  # low detail: "a lower resolution 512x512 version"
 HIGH_FIT_PX = 2048  # high detail: first fit into 2048×2048
@@ -103,9 +102,28 @@ def max_image_tokens(detail: str, model: str = "gpt-4-turbo") -> int:
     return image_tokens(HIGH_SHORT_SIDE_PX, HIGH_FIT_PX, detail, model)
 
 
-@cache
+_encodings: dict[str, Any] = {}
+_encodings_lock = threading.Lock()  # a run builds its encoding in a thread while the loop reads rows
+
+
 def _encoding(name: str) -> Any:
-    return bpe_openai.get_encoding(name)  # ships its tables: works offline, unlike tiktoken
+    with _encodings_lock:
+        if name not in _encodings:
+            # Imported here, not at the top: its import reads the tables of every encoding it ships
+            # (~1 s, ~60 MB), which a command that counts no tokens should not pay, and which a run
+            # pays in a thread while it reads its output (see load_encoding).
+            import bpe_openai  # ships its tables: works offline, unlike tiktoken
+
+            _encodings[name] = bpe_openai.get_encoding(name)
+        return _encodings[name]
+
+
+def load_encoding(model: str) -> None:
+    """Build the text encoding of `model` now, so that the first token count does not wait for it.
+
+    Blocking: about a second the first time (importing bpe_openai), nothing after.
+    """
+    _encoding(model_family(model).encoding)
 
 
 def text_tokens(text: str, model: str = "gpt-4-turbo") -> int:

@@ -23,7 +23,6 @@ import random
 import shutil
 import time
 from collections import Counter
-from collections.abc import Container
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from pipeline.batch.lines import PackedFile, line_url
 from pipeline.batch.planner import Planner
 from pipeline.client import backoff_s
 from pipeline.config import RunConfig
+from pipeline.idset import IdSet
 from pipeline.pricing import Price
 from pipeline.records import (
     VisionResult,
@@ -70,7 +70,7 @@ class BatchEngine:
         options: RunOptions,
         api: BatchApi,
         sink: Sink,
-        prior: Container[str],
+        prior: IdSet,
         run_id: str,
         pool: ThreadPoolExecutor,
         price: Price | None,
@@ -104,7 +104,7 @@ class BatchEngine:
             self.structured,
             prior=self.prior,
             commit=self.commit,
-            is_committed=self.is_committed,
+            is_committed=self.committed.__contains__,
             tally=self.tally,
         )
         await self.adopt_orphans()

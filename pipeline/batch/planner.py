@@ -19,6 +19,7 @@ from pathlib import Path
 from pipeline.batch.lines import PackedFile, PackedRow, Packer, batch_line, custom_id_for
 from pipeline.captioner import prepare_images
 from pipeline.config import RunConfig
+from pipeline.idset import IdSet
 from pipeline.manifest import Skipped, manifest_base_dir
 from pipeline.records import ConfigError, ErrorKind, ImageTask, ManifestError, RowError, VisionResult
 from pipeline.request import plan_request
@@ -48,9 +49,9 @@ class Planner:
         pool: Executor,
         structured: Structured | None,
         *,
-        prior: Container[str],
+        prior: IdSet,
         commit: Callable[[VisionResult], Awaitable[None]],
-        is_committed: Callable[[str], bool],
+        is_committed: Callable[[str], bool],  # by this run
         tally: Tally,
     ) -> None:
         self.cfg, self.options, self.folder, self.pool, self.structured = (
@@ -79,15 +80,14 @@ class Planner:
 
         async def produce() -> None:
             limit = self.options.limit
-            async for item in _stream_manifest(
-                self.options.manifest, self.cfg, _Skip(held, self.is_committed)
-            ):
+            async for item in _stream_manifest(self.options.manifest, self.cfg, self.prior):
                 if limit is not None and len(taken) >= limit:
                     break
-                if isinstance(item, Skipped) or self.is_committed(item.row_id) or item.row_id in held:
-                    # "already done": committed by an earlier run; held rows are counted when collected
-                    self.tally.skipped += int(first_round and item.row_id in self.prior)
+                if isinstance(item, Skipped):  # committed by an earlier run: "already done"
+                    self.tally.skipped += item.rows * int(first_round)
                     continue
+                if self.is_committed(item.row_id) or item.row_id in held:
+                    continue  # committed in this run, or in a live job: counted when collected
                 if item.row_id in taken:
                     self.tally.duplicates += int(first_round)
                     continue
@@ -156,13 +156,3 @@ class Planner:
         custom_id = custom_id_for(task.row_id)
         line = await asyncio.to_thread(batch_line, plan.body, custom_id, self.cfg.endpoint)
         return line, PackedRow(custom_id, task, plan.estimated_prompt_tokens)
-
-
-class _Skip(Container[str]):
-    """Ids the manifest reader may skip unparsed: held by a job, or committed."""
-
-    def __init__(self, held: Container[str], is_committed: Callable[[str], bool]) -> None:
-        self.held, self.is_committed = held, is_committed
-
-    def __contains__(self, row_id: object) -> bool:
-        return isinstance(row_id, str) and (row_id in self.held or self.is_committed(row_id))
