@@ -21,6 +21,7 @@ from pipeline.sink import RUN_FILE, STATS_FILE, part_files, read_output
 
 STATUS_COLUMNS = ("id", "status", "prompt_tokens", "completion_tokens", "cost_usd", "error", "finished_at")
 MAX_FAILED_LISTED = 1000
+MAX_COLLECTED_BATCHES_LISTED = 5  # the text lists every live batch and the last few collected
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +108,11 @@ def format_status(status: OutputStatus) -> str:
         )
     if status.batches:
         lines.append("batches (state at the last poll; `run` collects finished ones):")
-        lines += [format_batch(b) for b in status.batches]
+        collected = [b for b in status.batches if b.state == "collected"]
+        older = collected[:-MAX_COLLECTED_BATCHES_LISTED]
+        lines += [format_batch(b) for b in status.batches if b not in older]
+        if older:
+            lines.append(f"  … and {len(older)} earlier collected batches (see --json)")
     if status.failed:
         lines.append(f"failed rows ({status.failed_total}; `run --retry-failed` sends them again):")
         lines += [f"  {row.row_id}: {row.error}" for row in status.failed]
