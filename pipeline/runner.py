@@ -191,15 +191,20 @@ async def _run_locked(
         recovered_cost_usd=recovered.cost_usd,
         max_cost_usd=cfg.limits.max_cost_usd,
     )
+    return await finish_run(summary)
+
+
+async def finish_run(summary: RunSummary) -> RunSummary:
+    """Log the run's end and write ``_stats.json`` (a failure to write it is logged, not raised)."""
     stats = summary_as_dict(summary)
     log.info(
         "run %s finished with exit code %d",
-        run_id,
+        summary.run_id,
         summary.exit_code,
         extra={"event": "run_finished", **stats},
     )
     try:
-        await asyncio.to_thread(write_json_atomic, options.output / STATS_FILE, stats)
+        await asyncio.to_thread(write_json_atomic, summary.output / STATS_FILE, stats)
     except OSError as err:
         log.error("could not write %s: %s", STATS_FILE, err)
     return summary

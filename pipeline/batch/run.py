@@ -24,10 +24,10 @@ from pipeline.exits import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROW_ERRORS
 from pipeline.images import image_threads
 from pipeline.pricing import Price
 from pipeline.records import FAILED_STATUSES, STATUSES, TEXT_STATUSES, ConfigError
-from pipeline.runner import RunOptions, _start_emulator, open_run_output
-from pipeline.sink import STATS_FILE, Sink, write_json_atomic
+from pipeline.runner import RunOptions, _start_emulator, finish_run, open_run_output
+from pipeline.sink import Sink
 from pipeline.structured import Structured
-from pipeline.summary import RunSummary, summary_as_dict
+from pipeline.summary import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -87,18 +87,7 @@ async def run_batch(
         recovered_rows=recovered.rows,
         recovered_cost_usd=recovered.cost_usd,
     )
-    stats = summary_as_dict(summary)
-    log.info(
-        "run %s finished with exit code %d",
-        resume.run_id,
-        summary.exit_code,
-        extra={"event": "run_finished", **stats},
-    )
-    try:
-        await asyncio.to_thread(write_json_atomic, options.output / STATS_FILE, stats)
-    except OSError as err:
-        log.error("could not write %s: %s", STATS_FILE, err)
-    return summary
+    return await finish_run(summary)
 
 
 async def _run_until_signal(engine: BatchEngine, handle_signals: bool, grace_s: float) -> bool:
