@@ -62,6 +62,7 @@ MODEL_FAMILIES: Mapping[str, ModelFamily] = {
 }
 
 
+@lru_cache(maxsize=64)  # called several times per row with the run's one model name
 def model_family(model: str) -> ModelFamily:
     """The accounting family of a model name; unknown names count as gpt-4-turbo."""
     name = model.lower()
@@ -105,7 +106,24 @@ def max_image_tokens(detail: str, model: str = "gpt-4-turbo") -> int:
 
 @cache
 def _encoding(name: str) -> Any:
-    return bpe_openai.get_encoding(name)  # ships its tables: works offline, unlike tiktoken
+    encoding = bpe_openai.get_encoding(name)  # ships its tables: works offline, unlike tiktoken
+    _drop_rank_tables()
+    return encoding
+
+
+def _drop_rank_tables() -> None:
+    """Free the rank tables bpe-openai keeps after building an encoding, which holds its own copy.
+
+    bpe-openai (0.1.4) loads the tables of cl100k, o200k and voyage3 into lru_caches when imported, as
+    Python dicts of bytes, and keeps them: ~36 MB that no encoding reads again (a run's peak RSS,
+    bench/overhead.py). A later ``get_encoding`` of another encoding loads its table again. Does
+    nothing when the library no longer has these caches.
+    """
+    registry = getattr(bpe_openai, "registry", None)
+    constructors = getattr(registry, "ENCODING_CONSTRUCTORS", {})
+    for cached in (getattr(registry, "_load_mergeable_ranks", None), *constructors.values()):
+        if callable(getattr(cached, "cache_clear", None)):
+            cached.cache_clear()
 
 
 def text_tokens(text: str, model: str = "gpt-4-turbo") -> int:
