@@ -14,6 +14,10 @@ The floor, measured in the same benchmark against the same emulator: a bare aioh
 reading each answer, no limiter, no tokenizer, no output. Issue 12's goal: the run makes at least half
 the floor's rows/s at 100,000 rows, with a peak RSS under 250 MB that stays flat from 20,000 rows.
 
+rows/s moves with whatever else runs on the machine (the run, the emulator and the floor share its
+cores). Steadier: CPU time. Printed too: the floor's CPU a row (the benchmark's own process time while
+it runs) and the run's CPU a row beyond start-up (the difference between the two sizes' CPU times).
+
 ``--profile FILE`` runs the pipeline once per size under cProfile instead (``FILE.<rows>``), for
 ``python -m pstats``: the figures of a profiled run are not the run's speed.
 """
@@ -111,8 +115,8 @@ def run_pipeline(
     return Sample(rows / stats["duration_s"], usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime)
 
 
-async def bare_loop(config: Path, rows: int, concurrency: int) -> float:
-    """rows/s of a bare aiohttp loop posting the run's bodies to the same emulator."""
+async def bare_loop(config: Path, rows: int, concurrency: int) -> tuple[float, float]:
+    """rows/s of a bare aiohttp loop posting the run's bodies to the same emulator, and its CPU seconds."""
     cfg = load_config(config, {KEY_ENV: KEY})
     url = f"{cfg.endpoint.url}/openai/deployments/{DEPLOYMENT}/chat/completions?api-version={cfg.endpoint.api_version}"
     headers = {"api-key": KEY}
@@ -131,11 +135,11 @@ async def bare_loop(config: Path, rows: int, concurrency: int) -> float:
                     if response.status != 200:
                         raise SystemExit(f"bare loop: HTTP {response.status}")
 
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         async with asyncio.TaskGroup() as group:
             for n in range(concurrency):
                 group.create_task(worker(), name=f"bare-{n}")
-        return rows / (time.perf_counter() - started)
+        return rows / (time.perf_counter() - started), time.process_time() - cpu_started
 
 
 def main() -> None:
@@ -149,6 +153,7 @@ def main() -> None:
     emulator, url = start_emulator()
     runs: dict[int, list[Sample]] = {rows: [] for rows in args.rows}
     floors: list[float] = []
+    floor_cpu_s: list[float] = []
     try:
         config = write_config(work, url, args.concurrency)
         manifests = {rows: write_manifest(work, rows) for rows in args.rows}
@@ -159,8 +164,10 @@ def main() -> None:
                 print(f"{rows} rows profiled into {path}", flush=True)
             return
         for n in range(args.repeat):
-            floors.append(asyncio.run(bare_loop(config, max(args.rows), args.concurrency)))
-            print(f"run {n + 1} bare loop      : {floors[-1]:7.0f} rows/s", flush=True)
+            rate, cpu_s = asyncio.run(bare_loop(config, max(args.rows), args.concurrency))
+            floors.append(rate)
+            floor_cpu_s.append(cpu_s)
+            print(f"run {n + 1} bare loop      : {rate:7.0f} rows/s, CPU {cpu_s:6.1f} s", flush=True)
             for rows in args.rows:
                 output = work / f"out-{rows}-{n}"
                 sample = run_pipeline(config, manifests[rows], output, rows)
@@ -175,7 +182,8 @@ def main() -> None:
     floor = statistics.median(floors)
     print(f"\nmedian of {args.repeat}, concurrency {args.concurrency}, zero-latency emulator, detail low, "
           f"URLs passed through (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs):")  # fmt: skip
-    print(f"  bare aiohttp loop ({max(args.rows)} rows): {floor:7.0f} rows/s")
+    floor_ms = statistics.median(floor_cpu_s) / max(args.rows) * 1000
+    print(f"  bare aiohttp loop ({max(args.rows)} rows): {floor:7.0f} rows/s, {floor_ms:.3f} ms of CPU a row")
     for rows in args.rows:
         rate = statistics.median(s.rows_per_s for s in runs[rows])
         rss = statistics.median(s.peak_rss_mb for s in runs[rows])
@@ -183,6 +191,15 @@ def main() -> None:
         verdict = "met" if share >= TARGET_SHARE and rss < TARGET_RSS_MB else "NOT met"
         print(f"  vision-pipeline run ({rows} rows): {rate:7.0f} rows/s ({share:.0%} of the bare loop), "
               f"peak RSS {rss:.0f} MB: goal (>= {TARGET_SHARE:.0%}, < {TARGET_RSS_MB:g} MB) {verdict}")  # fmt: skip
+    if (
+        len(args.rows) > 1
+    ):  # CPU a row beyond start-up, from the two sizes: steadier than rows/s on a busy machine
+        (large, cpu_large), (small, cpu_small) = [
+            (rows, statistics.median(s.cpu_s for s in runs[rows])) for rows in sorted(args.rows)[::-1][:2]
+        ]
+        run_ms = (cpu_large - cpu_small) / (large - small) * 1000
+        print(f"  CPU a row of the run, from {small} to {large} rows: {run_ms:.3f} ms ({run_ms / floor_ms:.1f}× "
+              f"the bare loop's)")  # fmt: skip
 
 
 if __name__ == "__main__":
