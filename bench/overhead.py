@@ -39,14 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+from progress_overhead import DEPLOYMENT, KEY, start_emulator  # the same standalone emulator, no latency
 
 from pipeline.config import load_config
 from pipeline.records import ImageTask, PreparedImage
 from pipeline.request import build_body
 
 KEY_ENV = "OVERHEAD_BENCH_KEY"
-KEY = "overhead-bench"
-DEPLOYMENT = "vision"
 ROWS_PER_PART = 5000
 TARGET_SHARE = 0.5  # of the bare loop's rows/s
 TARGET_RSS_MB = 250.0
@@ -55,19 +54,6 @@ CLI = [sys.executable, "-m", "pipeline"]
 
 def image_url(n: int) -> str:
     return f"https://images.example.com/photos/{n:07d}.jpg"
-
-
-def start_emulator() -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [*CLI, "emulator", "--port", "0", "--api-key", KEY, "--deployment", DEPLOYMENT, "--latency", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    line = proc.stdout.readline().strip()
-    if not line.startswith("listening on "):
-        proc.kill()
-        raise SystemExit(f"the emulator did not start: {line!r}")
-    return proc, line.removeprefix("listening on ")
 
 
 def write_config(work: Path, url: str, concurrency: int) -> Path:
