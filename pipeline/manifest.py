@@ -1,14 +1,16 @@
 """Streaming the rows of a manifest (CSV, JSONL, Parquet, or a folder of images) into ImageTasks.
 
-Rows are read one at a time (Parquet in batches of 1024), so a manifest of any length takes the same
-memory. A bad row becomes a ManifestError yielded in its place, never an exception: the run commits it
-as a failed row and goes on. Only a manifest that cannot be read at all raises ConfigError.
+Rows are read a block at a time (1 MiB of CSV or JSONL text, see manifest_text.py; 1024 Parquet rows),
+so a manifest of any length takes the same memory. A bad row becomes a ManifestError yielded in its
+place, never an exception: the run commits it as a failed row and goes on. Only a manifest that cannot
+be read at all raises ConfigError. How a row's columns become an ImageTask is manifest_rows.py's job.
 
 Columns (CSV header, JSON keys, Parquet fields):
 
 - ``id``: optional. When absent or empty it is derived from the image references, so the same row gets
   the same id on every run: ``img-`` + the first 16 hex digits of sha256 of the references joined by
-  newlines. A row whose id cannot be known at all is called ``line-<line>``.
+  newlines. A row whose id cannot be known at all (a bad line, or a line that is not UTF-8 in its id
+  and image cells) is called ``line-<line>``.
 - ``image``: one path (relative to the manifest's folder) or http(s)/data URL; or ``images``: a list of
   them (in CSV a JSON array, e.g. ``["a.jpg", "b.jpg"]``); the request plan refuses more than the
   service takes in one request.
@@ -23,60 +25,90 @@ in a folder the 1-based position in the walk.
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import itertools
 import json
 import os
-from collections.abc import Container, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import RequestConfig
-from pipeline.records import DETAILS, ConfigError, Detail, ImageTask, ManifestError
+from pipeline.idset import IdSet
+from pipeline.manifest_rows import Skipped, check_columns, task_from_row
+from pipeline.manifest_text import csv_header, read_csv, read_jsonl
+from pipeline.records import ConfigError, ImageTask, ManifestError
+
+__all__ = ["Skipped", "count_rows", "manifest_base_dir", "manifest_columns", "read_manifest"]
 
 PARQUET_BATCH_ROWS = 1024
-CSV_FIELD_LIMIT_CHARS = 64 * 1024 * 1024  # a data URL of a 20 MB image in one cell; csv's default is 128 KiB
+SKIP_CHECK_ROWS = 1024  # rows whose ids are looked up in the skip set at once
 COUNT_CHUNK_BYTES = 1024 * 1024
 FOLDER_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 CSV_SUFFIXES = (".csv",)
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
-KNOWN_COLUMNS = frozenset({"id", "image", "images", "prompt", "detail"})
-DERIVED_ID_HEX_DIGITS = 16
+
+Item = ImageTask | ManifestError | Skipped
 
 
 def read_manifest(
-    path: Path, request: RequestConfig, skip: Container[str] = frozenset()
-) -> Iterator[ImageTask | ManifestError | Skipped]:
+    path: Path,
+    request: RequestConfig,
+    skip: IdSet | Collection[str] = frozenset(),
+    *,
+    group_skipped: bool = False,
+) -> Iterator[Item]:
     """Every row of the manifest at `path`, in order, as an ImageTask or, for a bad row, a ManifestError.
 
-    Streams: nothing is read until the first row is asked for, and no more than one Parquet batch is held.
-    `request` supplies the prompt and detail of rows that give none. A row whose own id is in `skip`
-    (already committed) comes as a cheap ``Skipped`` marker, not parsed further: resuming a run of
-    millions of rows spends its start-up on the rows still to do. Raises ConfigError, at once, when
-    the manifest is missing or of an unknown kind, and while iterating when it turns out unreadable (not
-    UTF-8, not Parquet, or no ``image``/``images`` column).
+    Streams: nothing is read until the first row is asked for, and no more than one block (1 MiB of
+    text, one Parquet batch) is held. `request` supplies the prompt and detail of rows that give none.
+    A row whose id (given, derived, or ``line-<n>``) is in `skip` (already committed) comes as a
+    ``Skipped`` marker instead. With `group_skipped`, consecutive committed rows come as one marker
+    counting them (``Skipped.rows``), and CSV and Parquet rows are looked up a block at a time, before
+    any Python object is made for them: resuming a run of millions of rows spends its start-up on the
+    rows still to do. Raises ConfigError, at once, when the manifest is missing or of an unknown kind,
+    and while iterating when it turns out unreadable (not text, not Parquet, or no ``image``/``images``
+    column).
     """
     kind = _manifest_kind(path)
+    ids = skip if isinstance(skip, IdSet) else IdSet(skip)
+    early = ids if group_skipped and len(ids) else None  # the format's own block-wise skipping
+    rows: Iterator[Item]
     if kind == "folder":
-        return _read_folder(path, request, skip)
-    if kind == "csv":
-        return _read_csv(path, request, skip)
-    if kind == "jsonl":
-        return _read_jsonl(path, request, skip)
-    return _read_parquet(path, request, skip)
+        rows = _read_folder(path, request)
+    elif kind == "csv":
+        rows = read_csv(path, request, early)
+    elif kind == "jsonl":
+        rows = read_jsonl(path, request)
+    else:
+        rows = _read_parquet(path, request, early)
+    return _skip_committed(rows, ids, group_skipped) if len(ids) else rows
 
 
-@dataclass(frozen=True, slots=True)
-class Skipped:
-    """A row whose id was in the `skip` set: committed before, so not parsed further."""
-
-    row_id: str
-    line: int
+def _skip_committed(rows: Iterator[Item], skip: IdSet, group_skipped: bool) -> Iterator[Item]:
+    """`rows` with each row whose id is in `skip` replaced by a Skipped marker (grouped if asked)."""
+    while batch := list(itertools.islice(rows, SKIP_CHECK_ROWS)):
+        asked = [item for item in batch if not isinstance(item, Skipped)]
+        hits = iter(skip.contains_each(pa.array([item.row_id for item in asked], pa.string())).to_pylist())
+        group: Skipped | None = None
+        for item in batch:
+            marker = (
+                item if isinstance(item, Skipped) else Skipped(item.row_id, item.line) if next(hits) else None
+            )
+            if marker is None:
+                if group is not None:
+                    yield group
+                    group = None
+                yield item
+            elif not group_skipped:
+                yield marker
+            else:
+                group = marker if group is None else Skipped(None, group.line, group.rows + marker.rows)
+        if group is not None:
+            yield group
 
 
 def manifest_base_dir(path: Path) -> Path:
@@ -134,102 +166,36 @@ def _count_lines(path: Path) -> int:
     return lines + (last != b"\n")
 
 
-def _read_csv(
-    path: Path, request: RequestConfig, skip: Container[str]
-) -> Iterator[ImageTask | ManifestError | Skipped]:
-    """CSV rows; ``line`` is where each record starts (a quoted cell may span several lines)."""
-    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT_CHARS))
-    file = str(path)
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        # csv.reader rather than DictReader: DictReader skips blank lines unseen, so rows' start lines
-        # would drift, and it files surplus cells under a None key instead of saying what is wrong.
-        reader = csv.reader(f)
-        try:
-            header = [name.strip() for name in next(reader)]
-        except StopIteration:
-            raise ConfigError(f"{file}: empty CSV manifest, no header row") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{file}: not UTF-8 text at or after line 1: save it as UTF-8") from None
-        except csv.Error as err:
-            raise ConfigError(f"{file}: header row unreadable: {err}") from None
-        _check_columns(header, file)
-        while True:
-            line = reader.line_num + 1
-            try:
-                cells = next(reader)
-            except StopIteration:
-                return
-            except UnicodeDecodeError:
-                # text is decoded in chunks ahead of the parser, so the bad byte is at or after this line
-                raise ConfigError(
-                    f"{file}: not UTF-8 text at or after line {line}: save it as UTF-8"
-                ) from None
-            except csv.Error as err:
-                yield ManifestError(f"line-{line}", f"bad CSV: {err}", file=file, line=line)
-                continue
-            if not any(cell.strip() for cell in cells):
-                continue  # a blank line, or a row of empty cells as spreadsheets leave at the end
-            if len(cells) != len(header):
-                yield ManifestError(
-                    f"line-{line}",
-                    f"{len(cells)} cells, but the header names {len(header)}",
-                    file=file,
-                    line=line,
-                )
-                continue
-            row = dict(zip(header, cells, strict=True))
-            yield _task_from_row(row, file=file, line=line, request=request, skip=skip)
+def _read_parquet(path: Path, request: RequestConfig, skip: IdSet | None) -> Iterator[Item]:
+    """Parquet rows, one batch of PARQUET_BATCH_ROWS in memory at a time; ``line`` is the 1-based row.
 
-
-def _read_jsonl(
-    path: Path, request: RequestConfig, skip: Container[str]
-) -> Iterator[ImageTask | ManifestError | Skipped]:
-    """JSON Lines: one object per line; blank lines are skipped, a bad line is a bad row."""
-    file = str(path)
-    with open(path, "rb") as f:
-        for line, raw in enumerate(f, start=1):
-            if line == 1:
-                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except UnicodeDecodeError:
-                yield ManifestError(f"line-{line}", "not UTF-8 text", file=file, line=line)
-                continue
-            except ValueError as err:
-                yield ManifestError(f"line-{line}", f"not valid JSON: {err}", file=file, line=line)
-                continue
-            if not isinstance(row, dict):
-                yield ManifestError(
-                    f"line-{line}",
-                    f"a line must be a JSON object, got {_json_type(row)}",
-                    file=file,
-                    line=line,
-                )
-                continue
-            yield _task_from_row(row, file=file, line=line, request=request, skip=skip)
-
-
-def _read_parquet(
-    path: Path, request: RequestConfig, skip: Container[str]
-) -> Iterator[ImageTask | ManifestError | Skipped]:
-    """Parquet rows, one batch of PARQUET_BATCH_ROWS in memory at a time; ``line`` is the 1-based row."""
+    With `skip`, a batch's text ids are looked up at once and its committed rows come as one Skipped
+    marker, never turned into Python rows."""
     file = str(path)
     with _open_parquet(path) as parquet:
-        _check_columns(parquet.schema_arrow.names, file)
+        check_columns(parquet.schema_arrow.names, file)
+        has_text_ids = "id" in parquet.schema_arrow.names and pa.types.is_string(
+            parquet.schema_arrow.field("id").type
+        )
         line = 0
         batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS)
         while True:
             try:
-                rows = next(batches).to_pylist()
+                batch = next(batches)
             except StopIteration:
                 return
             except (OSError, pa.ArrowException) as err:
                 raise ConfigError(f"{file}: unreadable after row {line}: {err}") from None
-            for row in rows:
-                line += 1
-                yield _task_from_row(row, file=file, line=line, request=request, skip=skip)
+            rows, kept = batch.num_rows, range(batch.num_rows)
+            if skip is not None and has_text_ids:
+                committed = skip.contains_each(batch.column("id"))
+                if committed.true_count:  # counted first: the marker only counts, it holds no row
+                    yield Skipped(None, line + 1, committed.true_count)
+                    kept = pc.indices_nonzero(pc.invert(committed)).to_pylist()
+                    batch = batch.filter(pc.invert(committed))
+            for index, row in zip(kept, batch.to_pylist(), strict=True):
+                yield task_from_row(row, file=file, line=line + index + 1, request=request)
+            line += rows
 
 
 def _open_parquet(path: Path) -> pq.ParquetFile:
@@ -239,9 +205,7 @@ def _open_parquet(path: Path) -> pq.ParquetFile:
         raise ConfigError(f"{path}: not a readable Parquet file: {err}") from None
 
 
-def _read_folder(
-    root: Path, request: RequestConfig, skip: Container[str]
-) -> Iterator[ImageTask | ManifestError | Skipped]:
+def _read_folder(root: Path, request: RequestConfig) -> Iterator[ImageTask | ManifestError]:
     """Every image file under `root`, folder by folder in sorted order; hidden files and folders are skipped.
 
     The id and the reference are the path relative to `root`, with forward slashes.
@@ -256,15 +220,7 @@ def _read_folder(
             ref = (Path(folder) / name).relative_to(root).as_posix()
             if not _is_utf8(ref):  # the id goes to Parquet, which holds UTF-8 text only
                 shown = os.fsencode(ref).decode("utf-8", "backslashreplace")  # caf\xe9.jpg
-                if shown in skip:
-                    yield Skipped(shown, line)
-                else:
-                    yield ManifestError(
-                        shown, "the file name is not UTF-8: rename it", file=str(root), line=line
-                    )
-                continue
-            if ref in skip:
-                yield Skipped(ref, line)
+                yield ManifestError(shown, "the file name is not UTF-8: rename it", file=str(root), line=line)
                 continue
             yield ImageTask(
                 row_id=ref, images=(ref,), prompt=request.prompt, detail=request.detail, line=line
@@ -285,131 +241,6 @@ def _raise_unlistable(err: OSError) -> None:
     raise ConfigError(f"{err.filename}: cannot list the folder: {err.strerror or err}")
 
 
-def _check_columns(names: list[str], file: str) -> None:
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise ConfigError(f"{file}: column {duplicates[0]!r} appears more than once")
-    if "image" not in names and "images" not in names:
-        raise ConfigError(f"{file}: no 'image' or 'images' column (columns: {', '.join(names) or 'none'})")
-
-
-def _task_from_row(
-    row: Mapping[str, object], *, file: str, line: int, request: RequestConfig, skip: Container[str]
-) -> ImageTask | ManifestError | Skipped:
-    """One row as a task, or the reason it cannot be one; validated here, once, for every later stage."""
-    try:
-        given_id = _row_id(row.get("id"))
-    except ValueError as err:
-        return ManifestError(f"line-{line}", str(err), file=file, line=line)
-    if given_id is not None and given_id in skip:
-        return Skipped(given_id, line)
-    try:
-        images = _images(row)
-        row_id = given_id or _derived_id(images)
-        prompt = _text(row.get("prompt"), "prompt")
-        detail = _detail(row.get("detail"))
-    except ValueError as err:
-        return ManifestError(given_id or f"line-{line}", str(err), file=file, line=line)
-    return ImageTask(
-        row_id=row_id,
-        images=images,
-        prompt=request.prompt if prompt is None else prompt,
-        detail=request.detail if detail is None else detail,
-        line=line,
-        extra={key: _extra_text(value) for key, value in row.items() if key not in KNOWN_COLUMNS},
-    )
-
-
-def _row_id(value: object) -> str | None:
-    """The row's own id as text, or None when it gives none; whole numbers are accepted as ids."""
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    if not isinstance(value, str):
-        raise ValueError(f"id must be text or a whole number, got {_json_type(value)}")  # noqa: TRY004  # the row reader turns ValueError into a ManifestError
-    return value.strip() or None
-
-
-def _images(row: Mapping[str, object]) -> tuple[str, ...]:
-    """The row's image references from ``image`` or ``images``, stripped of surrounding blanks."""
-    single, several = row.get("image"), _list_cell(row.get("images"))
-    if isinstance(single, str) and not single.strip():
-        single = None
-    if several == []:
-        several = None
-    if single is not None and several is not None:
-        raise ValueError("give image or images, not both")
-    if single is not None:
-        if not isinstance(single, str):
-            raise ValueError(f"image must be text, got {_json_type(single)} (a list goes in images)")
-        return (single.strip(),)
-    if several is None:
-        raise ValueError("no image: the image (or images) column is empty")
-    if not isinstance(several, list) or not all(isinstance(ref, str) and ref.strip() for ref in several):
-        raise ValueError("images must be a list of non-empty strings")
-    return tuple(ref.strip() for ref in several)
-
-
-def _list_cell(value: object) -> object:
-    """``images`` as given, with a text cell (CSV's only kind) parsed as a JSON array; None when blank."""
-    if not isinstance(value, str):
-        return value
-    if not value.strip():
-        return None
-    try:
-        return json.loads(value)
-    except ValueError:
-        raise ValueError('images must be a JSON array of strings, e.g. ["a.jpg", "b.jpg"]') from None
-
-
-def _derived_id(images: tuple[str, ...]) -> str:
-    """A stable id for a row without one: the same references give the same id on every run."""
-    digest = hashlib.sha256("\n".join(images).encode("utf-8")).hexdigest()
-    return f"img-{digest[:DERIVED_ID_HEX_DIGITS]}"
-
-
-def _text(value: object, column: str) -> str | None:
-    """A text cell, None when absent, null or blank (blank means "use the config")."""
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise ValueError(f"{column} must be text, got {_json_type(value)}")  # noqa: TRY004  # as above
-    return value if value.strip() else None
-
-
-def _detail(value: object) -> Detail | None:
-    text = _text(value, "detail")
-    if text is None:
-        return None
-    detail = text.strip().lower()
-    if detail not in DETAILS:
-        raise ValueError(f"detail must be low, high or auto, got {text!r}")
-    return detail
-
-
-def _extra_text(value: object) -> str | None:
-    """A passed-through value as text: strings as they are, null as None, anything else as compact JSON."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, bool | int | float | list | dict | tuple):
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
-    return str(value)  # dates, timestamps, decimals from Parquet: their usual text form
-
-
-def _json_type(value: object) -> str:
-    names = {
-        dict: "an object",
-        list: "a list",
-        str: "text",
-        bool: "true/false",
-        int: "a number",
-        float: "a number",
-        type(None): "null",
-    }
-    return names.get(type(value), type(value).__name__)
-
-
 JSONL_COLUMN_SAMPLE_ROWS = 1000  # a JSONL manifest's columns are the keys of its first objects
 
 
@@ -424,11 +255,7 @@ def manifest_columns(path: Path) -> frozenset[str]:
         with _open_parquet(path) as parquet:
             return frozenset(parquet.schema_arrow.names)
     if kind == "csv":
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            try:
-                return frozenset(name.strip() for name in next(csv.reader(f), []))
-            except (UnicodeDecodeError, csv.Error) as err:
-                raise ConfigError(f"{path}: header row unreadable: {err}") from None
+        return frozenset(csv_header(path))
     names: set[str] = set()
     with open(path, "rb") as f:
         for raw in itertools.islice(f, JSONL_COLUMN_SAMPLE_ROWS):

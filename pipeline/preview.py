@@ -21,6 +21,7 @@ from pipeline import checkpoint
 from pipeline.captioner import prepare_images
 from pipeline.client import endpoint_for
 from pipeline.config import RunConfig
+from pipeline.idset import IdSet
 from pipeline.images import image_threads
 from pipeline.manifest import Skipped, manifest_base_dir, read_manifest
 from pipeline.records import ManifestError, RowError
@@ -100,14 +101,14 @@ async def preview_first_request(
     first_failure: str | None = None
     seen: set[str] = set()
     found: RequestPlan | None = None
-    rows = read_manifest(manifest, cfg.request)
+    rows = read_manifest(manifest, cfg.request, skip, group_skipped=True)
     with ThreadPoolExecutor(image_threads(cfg.images), thread_name_prefix="preview-images") as pool:
         while found is None and (batch := await asyncio.to_thread(lambda: list(islice(rows, BATCH_ROWS)))):
             for item in batch:
-                if item.row_id in skip:
-                    committed += 1
+                if isinstance(item, Skipped):
+                    committed += item.rows
                     continue
-                if item.row_id in seen or isinstance(item, Skipped):
+                if item.row_id in seen:
                     continue  # a repeated id: the run ignores it too
                 seen.add(item.row_id)
                 try:
@@ -150,9 +151,9 @@ async def preview_first_request(
     )
 
 
-def _skipped_ids(output: Path, retry_failed: bool) -> checkpoint.IdSet:
+def _skipped_ids(output: Path, retry_failed: bool) -> IdSet:
     """The ids a run would skip: committed ones, less the failed ones with --retry-failed. Blocking."""
-    skip = checkpoint.committed_ids(output) if output.is_dir() else checkpoint.IdSet()
+    skip = checkpoint.committed_ids(output) if output.is_dir() else IdSet()
     if retry_failed and len(skip):
         skip.difference_update(checkpoint.failed_ids(output))
     return skip

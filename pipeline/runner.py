@@ -16,7 +16,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import AsyncIterator, Container
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
@@ -38,6 +38,7 @@ from pipeline.exits import (
     EXIT_ROW_ERRORS,
     EXIT_USAGE,
 )
+from pipeline.idset import IdSet
 from pipeline.images import image_threads, reuse_freed_image_memory
 from pipeline.journal import JOURNAL_DIR, Journal, Recovered, recover
 from pipeline.limits import Limits
@@ -62,6 +63,7 @@ from pipeline.results import manifest_failure
 from pipeline.sink import STATS_FILE, Sink, write_json_atomic
 from pipeline.structured import Structured, check_manifest_columns, load_structured
 from pipeline.summary import RunSummary, Tally, latency_percentiles, summary_as_dict
+from pipeline.tokens import load_encoding
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,9 @@ async def _run_locked(
 ) -> RunSummary:
     loop = asyncio.get_running_loop()
     started_at, started = time.time(), loop.time()
+    # ~1 s of building the text encoding, in a thread while the output and the manifest are read;
+    # the producer waits for it before the first row goes to a worker
+    encoding_ready = loop.run_in_executor(None, load_encoding, cfg.endpoint.model)
     recovered = Recovered()
     if (options.output / JOURNAL_DIR).is_dir():  # a run before this one was killed: commit what it paid for
         recovered = await asyncio.to_thread(recover, options.output)
@@ -148,11 +153,12 @@ async def _run_locked(
         typed = () if structured is None else structured.columns
         journal = Journal(options.output, run_id, typed)
         sink = Sink(options.output, cfg.output, run_id, journal=journal, typed_columns=typed)
-        stages = _Stages(cfg, options, captioner, budget, sink, resume.skip)
+        stages = _Stages(cfg, options, captioner, budget, sink, resume.skip, encoding_ready)
         try:
             await stages.run()
         finally:  # rows still buffered (the output could not be written) stay journalled for the next run
             await asyncio.to_thread(journal.close, is_all_committed=sink.buffered_rows == 0)
+    await encoding_ready  # done by now; a failure to build it is not left unseen
     if stages.stop_code == EXIT_BUDGET:
         left = await asyncio.to_thread(_rows_left, cfg, options)
         stages.stopped_because = (
@@ -212,7 +218,7 @@ def _rows_left(cfg: RunConfig, options: RunOptions) -> int:
     """Manifest rows not committed in the output (each id once), for the budget's stop message. Blocking."""
     committed = checkpoint.committed_ids(options.output)
     seen: set[str] = set()
-    for item in read_manifest(options.manifest, cfg.request, committed):
+    for item in read_manifest(options.manifest, cfg.request, committed, group_skipped=True):
         if not isinstance(item, Skipped):
             seen.add(item.row_id)
     return len(seen)
@@ -254,7 +260,8 @@ class _Stages:
         captioner: Captioner,
         budget: Budget,
         sink: Sink,
-        prior: Container[str],
+        prior: IdSet,
+        encoding_ready: asyncio.Future[None],
     ) -> None:
         self.cfg = cfg
         self.options = options
@@ -263,6 +270,7 @@ class _Stages:
         self.budget = budget
         self.sink = sink
         self.prior = prior  # ids committed by earlier runs; read by the manifest's thread, never changed
+        self.encoding_ready = encoding_ready  # the text encoding the workers' token counts need
         self.taken: set[str] = set()  # ids taken up in this run, to tell duplicates from resumed rows
         self.tally = Tally()
         self.queue: asyncio.Queue[ImageTask | None] = asyncio.Queue(
@@ -428,8 +436,8 @@ class _Stages:
         async for item in _stream_manifest(self.options.manifest, self.cfg, self.prior):
             if self.stopping.is_set() or (limit is not None and len(self.taken) >= limit):
                 break
-            if isinstance(item, Skipped) or item.row_id in self.prior:
-                self.tally.skipped += 1
+            if isinstance(item, Skipped):  # the reader looked every id up in self.prior
+                self.tally.skipped += item.rows
                 continue
             if item.row_id in self.taken:
                 self.tally.duplicates += 1
@@ -440,6 +448,7 @@ class _Stages:
                 log.warning("%s", item)
                 await self.commit(manifest_failure(item, self.cfg))
             else:
+                await self.encoding_ready  # counting tokens in a worker would otherwise block the loop
                 await self.queue.put(item)  # waits while the workers are busy: back-pressure
         for _ in range(self.cfg.limits.concurrency):
             await self.queue.put(None)
@@ -459,10 +468,10 @@ class _Stages:
 
 
 async def _stream_manifest(
-    path: Path, cfg: RunConfig, skip: Container[str]
+    path: Path, cfg: RunConfig, skip: IdSet
 ) -> AsyncIterator[ImageTask | ManifestError | Skipped]:
     """The manifest's rows, read in a thread a batch at a time so the loop never waits on the disk."""
-    rows = read_manifest(path, cfg.request, skip)
+    rows = read_manifest(path, cfg.request, skip, group_skipped=True)
     while batch := await asyncio.to_thread(lambda: list(islice(rows, MANIFEST_BATCH_ROWS))):
         for item in batch:
             yield item

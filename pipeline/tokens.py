@@ -16,12 +16,11 @@ pixels are counted here, in the emulator, or after ``images.py`` has downscaled 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import lru_cache
 from typing import Any
-
-import bpe_openai
 
 LOW_VIEW_PX = 512  # low detail: "a lower resolution 512x512 version"
 HIGH_FIT_PX = 2048  # high detail: first fit into 2048×2048
@@ -104,14 +103,24 @@ def max_image_tokens(detail: str, model: str = "gpt-4-turbo") -> int:
     return image_tokens(HIGH_SHORT_SIDE_PX, HIGH_FIT_PX, detail, model)
 
 
-@cache
+_encodings: dict[str, Any] = {}
+_encodings_lock = threading.Lock()  # a run builds its encoding in a thread while the loop reads rows
+
+
 def _encoding(name: str) -> Any:
-    encoding = bpe_openai.get_encoding(name)  # ships its tables: works offline, unlike tiktoken
-    _drop_rank_tables()
-    return encoding
+    with _encodings_lock:
+        if name not in _encodings:
+            # Imported here, not at the top: its import reads the tables of every encoding it ships
+            # (~1 s, ~60 MB), which a command that counts no tokens should not pay, and which a run
+            # pays in a thread while it reads its output (see load_encoding).
+            import bpe_openai  # ships its tables: works offline, unlike tiktoken
+
+            _encodings[name] = bpe_openai.get_encoding(name)
+            _drop_rank_tables(bpe_openai)
+        return _encodings[name]
 
 
-def _drop_rank_tables() -> None:
+def _drop_rank_tables(bpe_openai: Any) -> None:
     """Free the rank tables bpe-openai keeps after building an encoding, which holds its own copy.
 
     bpe-openai (0.1.4) loads the tables of cl100k, o200k and voyage3 into lru_caches when imported, as
@@ -124,6 +133,14 @@ def _drop_rank_tables() -> None:
     for cached in (getattr(registry, "_load_mergeable_ranks", None), *constructors.values()):
         if callable(getattr(cached, "cache_clear", None)):
             cached.cache_clear()
+
+
+def load_encoding(model: str) -> None:
+    """Build the text encoding of `model` now, so that the first token count does not wait for it.
+
+    Blocking: about a second the first time (importing bpe_openai), nothing after.
+    """
+    _encoding(model_family(model).encoding)
 
 
 def text_tokens(text: str, model: str = "gpt-4-turbo") -> int:

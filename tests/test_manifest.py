@@ -140,12 +140,70 @@ def test_csv_without_an_image_column_stops_the_run_naming_the_file(tmp_path):
         read_all(manifest)
 
 
-def test_csv_that_is_not_utf8_stops_the_run_naming_the_file(tmp_path):
+def test_a_csv_line_that_is_not_utf8_is_one_error_row_naming_its_line_and_byte_offset(tmp_path):
     manifest = tmp_path / "m.csv"
-    manifest.write_bytes("id,image\ncafé,café.jpg\n".encode("latin-1"))
+    manifest.write_bytes(b"id,image\nok-1,a.jpg\ncaf\xe9,caf\xe9.jpg\nok-2,b.jpg\n")
 
-    with pytest.raises(ConfigError, match=r"m\.csv: not UTF-8"):
+    items = read_all(manifest)
+
+    assert [item.row_id for item in items] == ["ok-1", "line-3", "ok-2"]
+    bad = items[1]
+    assert isinstance(bad, ManifestError) and bad.line == 3 and bad.kind == "bad_manifest_row"
+    assert "line 3: not UTF-8 text: byte 0xe9 at byte offset 23" in str(bad)  # 9 + 11 + len(b"caf"), from 0
+    assert isinstance(items[0], ImageTask) and isinstance(items[2], ImageTask)
+
+
+def test_a_bad_byte_outside_the_id_keeps_the_rows_own_id(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(b"id,image,prompt\nrow-7,a.jpg,d\xe9crire\n")
+
+    (bad,) = read_all(manifest)
+
+    assert isinstance(bad, ManifestError) and bad.row_id == "row-7"
+    assert "byte 0xe9 at byte offset 29" in str(bad)  # 16 + len(b"row-7,a.jpg,d")
+
+
+def test_a_bad_byte_inside_a_quoted_multiline_cell_fails_only_that_record(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(b'id,image,prompt\nr1,a.jpg,"two\nlin\xe9s"\nr2,b.jpg,x\n')
+
+    items = read_all(manifest)
+
+    assert [(item.row_id, item.line) for item in items] == [("r1", 2), ("r2", 4)]
+    assert isinstance(items[0], ManifestError) and "on line 3" in str(items[0])
+    assert isinstance(items[1], ImageTask)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32"])
+def test_csv_in_a_wide_encoding_stops_the_run_naming_the_file(tmp_path, encoding):
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes("id,image\ncafé,café.jpg\n".encode(encoding))  # with its byte-order mark
+
+    with pytest.raises(ConfigError, match=r"m\.csv: UTF-16 text, not UTF-8"):
         read_all(manifest)
+
+
+def test_csv_whose_header_is_not_utf8_stops_the_run_naming_the_file(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(b"id,im\xe1ge\na,a.jpg\n")
+
+    with pytest.raises(
+        ConfigError, match=r"m\.csv: the header row is not UTF-8 text \(byte 0xe1 at byte offset 5\)"
+    ):
+        read_all(manifest)
+
+
+def test_a_jsonl_line_that_is_not_utf8_is_one_error_row_naming_its_line_and_byte_offset(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes(
+        b'{"id": "a", "image": "a.jpg"}\n{"id": "b", "image": "caf\xe9.jpg"}\n{"image": "c.jpg"}\n'
+    )
+
+    items = read_all(manifest)
+
+    assert isinstance(items[1], ManifestError) and items[1].row_id == "b" and items[1].line == 2
+    assert "byte 0xe9 at byte offset 55" in str(items[1])  # 30 + len(b'{"id": "b", "image": "caf')
+    assert isinstance(items[0], ImageTask) and isinstance(items[2], ImageTask)
 
 
 # Ids
@@ -397,3 +455,61 @@ def test_rows_whose_id_is_in_skip_come_as_markers_without_parsing(tmp_path):
 
     assert items[0] == Skipped("done", 2)
     assert isinstance(items[1], ImageTask) and items[1].row_id == "new"
+
+
+def test_grouped_skipping_counts_committed_csv_rows_in_blocks_and_keeps_the_others_lines(tmp_path):
+    """A resumed run gets runs of committed rows as one marker each; the rows between keep their lines."""
+    from pipeline.idset import IdSet
+
+    rows = [["id", "image"], *([f"r{n}", f"{n}.jpg"] for n in range(1000))]
+    rows[501] = ["  r500 ", "500.jpg"]  # blanks around a committed id: the parser strips them
+    path = write_csv(tmp_path / "m.csv", rows)  # csv.writer ends lines with \r\n
+    path.write_bytes(path.read_bytes() + b"new,caf\xe9.jpg\r\nlast,z.jpg")
+    committed = IdSet(f"r{n}" for n in range(1000) if n not in (10, 700))
+
+    items = list(read_manifest(path, REQUEST, committed, group_skipped=True))
+
+    served = [(item.row_id, item.line) for item in items if not isinstance(item, Skipped)]
+    assert served == [("r10", 12), ("r700", 702), ("new", 1002), ("last", 1003)]
+    assert sum(item.rows for item in items if isinstance(item, Skipped)) == 998
+    assert "byte 0xe9 at byte offset" in str(items[-2])
+    offset = int(str(items[-2]).split("byte offset ")[1].split(":")[0])
+    assert path.read_bytes()[offset] == 0xE9
+
+
+@pytest.mark.parametrize("block_bytes", [64, 1024 * 1024])
+def test_grouped_skipping_gives_the_same_rows_as_one_marker_per_row(tmp_path, monkeypatch, block_bytes):
+    """Small blocks mix quote-free blocks (checked whole) with blocks holding multi-line cells."""
+    import pipeline.manifest_text
+
+    monkeypatch.setattr(pipeline.manifest_text, "BLOCK_BYTES", block_bytes)
+    rows = [
+        ["id", "image", "prompt"],
+        *([f"r{n}", f"{n}.jpg", "a\nb" if n % 50 == 0 else "p"] for n in range(300)),
+    ]
+    path = write_csv(tmp_path / "m.csv", rows)
+    committed = {f"r{n}" for n in range(300) if n % 3}
+
+    one_by_one = list(read_manifest(path, REQUEST, committed))
+    grouped = list(read_manifest(path, REQUEST, committed, group_skipped=True))
+
+    def served(items):
+        return [item for item in items if not isinstance(item, Skipped)]
+
+    assert served(grouped) == served(one_by_one) and len(served(one_by_one)) == 100
+    assert sum(item.rows for item in grouped if isinstance(item, Skipped)) == 200
+    assert all(item.rows == 1 for item in one_by_one if isinstance(item, Skipped))
+
+
+def test_grouped_skipping_of_a_parquet_manifest_counts_committed_rows_without_parsing_them(tmp_path):
+    path = tmp_path / "m.parquet"
+    ids = [f"r{n}" for n in range(3000)]
+    pq.write_table(pa.table({"id": ids, "image": [f"{n}.jpg" for n in range(3000)]}), path)
+
+    items = list(read_manifest(path, REQUEST, set(ids) - {"r5", "r2500"}, group_skipped=True))
+
+    assert [(item.row_id, item.line) for item in items if isinstance(item, ImageTask)] == [
+        ("r5", 6),
+        ("r2500", 2501),
+    ]
+    assert sum(item.rows for item in items if isinstance(item, Skipped)) == 2998

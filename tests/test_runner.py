@@ -368,7 +368,7 @@ async def test_a_changed_prompt_against_an_existing_output_is_refused(
 
 async def test_a_manifest_that_turns_out_unreadable_stops_the_run_with_exit_2(tmp_path, emulator, key_in_env):
     manifest = tmp_path / "m.csv"
-    manifest.write_bytes(b"id,image\n" + b"\xff\xfe not utf-8\n")
+    manifest.write_text("id,image\nrow-0,images/img0.png\n", encoding="utf-16")  # with its byte-order mark
 
     summary = await run(azure_config(emulator), RunOptions(manifest, tmp_path / "out", handle_signals=False))
 
@@ -434,3 +434,32 @@ async def test_prices_set_in_the_config_price_the_rows(tmp_path, emulator, image
 
     row = rows_by_id(tmp_path / "out")["row-0"]
     assert row["cost_usd"] == pytest.approx(row["prompt_tokens"])  # a dollar a token
+
+
+async def test_a_csv_line_that_is_not_utf8_is_committed_as_one_error_row_and_the_rest_is_served(
+    tmp_path, emulator, key_in_env
+):
+    """A nightly run does not lose the night for one Latin-1 line; a rerun sends nothing again."""
+    for i in range(3):
+        make_image(tmp_path / "images" / f"img{i}.png")
+    manifest = tmp_path / "m.csv"
+    lines = [
+        b"id,image,prompt",
+        b"row-0,images/img0.png,",
+        b"row-1,images/img1.png,d\xe9crire",
+        b"row-2,images/img2.png,",
+    ]
+    manifest.write_bytes(b"\n".join(lines) + b"\n")
+    offset = manifest.read_bytes().index(b"\xe9")
+
+    first = await run(azure_config(emulator), RunOptions(manifest, tmp_path / "out", handle_signals=False))
+    sent = len(emulator.requests)
+    again = await run(azure_config(emulator), RunOptions(manifest, tmp_path / "out", handle_signals=False))
+
+    rows = rows_by_id(tmp_path / "out")
+    assert first.exit_code == EXIT_ROW_ERRORS and first.counts["ok"] == 2 and first.counts["error"] == 1
+    assert rows["row-1"]["status"] == "error" and rows["row-1"]["error_kind"] == "bad_manifest_row"
+    assert f"line 3: not UTF-8 text: byte 0xe9 at byte offset {offset}" in rows["row-1"]["error"]
+    assert rows["row-0"]["status"] == rows["row-2"]["status"] == "ok"
+    assert sent == 2 and len(emulator.requests) == 2
+    assert again.skipped == 3 and sum(again.counts.values()) == 0
