@@ -187,11 +187,18 @@ class _Tried:
     reply: Reply | None
     verdict: Verdict
     cause: str  # retry_cause, counted if the row is tried again
-    reason: str
+    failure: str = ""  # why no answer came (timeout, connection), when none did
 
     @property
     def status(self) -> int | None:
         return None if self.reply is None else self.reply.status
+
+    @property
+    def reason(self) -> str:
+        """Why the attempt gave no result, in one line; built only when asked: most attempts succeed."""
+        if self.reply is None:
+            return self.failure
+        return f"HTTP {self.reply.status}: {error_message(self.reply.body, self.reply.text)}"
 
 
 class Client:
@@ -332,8 +339,7 @@ class Client:
                 self.limits.settle(reservation, usage.prompt_tokens + int(plan.body.get("max_tokens", 0)))
             elif reply.status == 429:
                 self.limits.settle(reservation, 0)  # a refused request is not charged against the quota
-            reason = f"HTTP {reply.status}: {error_message(reply.body, reply.text)}"
-            return _Tried(reply, verdict, retry_cause(reply.status), reason)
+            return _Tried(reply, verdict, retry_cause(reply.status))
         finally:
             self.budget.settle(hold, billed_usd)
 

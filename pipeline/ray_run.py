@@ -43,10 +43,11 @@ from pipeline.ray_cluster import connected, import_ray
 from pipeline.ray_worker import Block, BlockDone, CaptionWorker, WorkerSetup, block_journal_pattern, without
 from pipeline.records import ImageTask, ManifestError, TransportCounters
 from pipeline.results import manifest_failure
-from pipeline.runner import Outcome, RunOptions, rows_to_send
+from pipeline.run_rows import rows_to_send
+from pipeline.runner import RunOptions
 from pipeline.shared_quota import BudgetKeeper, QuotaKeeper
 from pipeline.sink import result_to_row, rows_to_table, schema_with_extras, write_new_part
-from pipeline.summary import Tally
+from pipeline.summary import Outcome, Tally
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,10 @@ class _Driver:
 
     async def rows(self) -> AsyncGenerator[ImageTask, None]:
         """The rows to send (as the local engine's); bad rows are committed by the driver."""
-        async for item in rows_to_send(self.options, self.cfg, self.skip, self.tally, self.taken):
+        rows = rows_to_send(
+            self.options.manifest, self.options.limit, self.cfg, self.skip, self.tally, self.taken
+        )
+        async for item in rows:
             if isinstance(item, ManifestError):
                 result = manifest_failure(item, self.cfg)
                 self.tally.add(result)

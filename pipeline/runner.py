@@ -16,10 +16,8 @@ import logging
 import random
 import signal
 import time
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Literal
 
@@ -33,22 +31,19 @@ from pipeline.config import RunConfig, api_key
 from pipeline.exits import (
     EXIT_BUDGET,
     EXIT_INTERRUPTED,
-    EXIT_OK,
     EXIT_OUTPUT_FAILED,
     EXIT_REFUSED,
-    EXIT_ROW_ERRORS,
     EXIT_USAGE,
 )
 from pipeline.idset import IdSet
 from pipeline.images import image_threads, reuse_freed_image_memory
 from pipeline.journal import JOURNAL_DIR, Journal, Recovered, recover
 from pipeline.limits import Limits
-from pipeline.manifest import Skipped, count_rows, manifest_base_dir, manifest_columns, read_manifest
+from pipeline.manifest import count_rows, manifest_base_dir, manifest_columns
 from pipeline.metrics import publish_metrics
 from pipeline.pricing import Price, price_for_run
 from pipeline.progress import show_progress
 from pipeline.records import (
-    FAILED_STATUSES,
     STATUSES,
     TEXT_STATUSES,
     BudgetReached,
@@ -58,18 +53,17 @@ from pipeline.records import (
     NotSent,
     RunAborted,
     RunProgress,
-    TransportCounters,
     VisionResult,
 )
 from pipeline.results import manifest_failure
+from pipeline.run_rows import rows_left, rows_to_send
 from pipeline.sink import STATS_FILE, Sink, write_json_atomic
 from pipeline.structured import Structured, check_manifest_columns, load_structured
-from pipeline.summary import RunSummary, Tally, latency_percentiles, summary_as_dict
+from pipeline.summary import Outcome, RunSummary, Tally, latency_percentiles, summary_as_dict
 from pipeline.tokens import load_encoding
 
 log = logging.getLogger(__name__)
 
-MANIFEST_BATCH_ROWS = 256  # rows read per thread hop
 QUEUE_ROWS_PER_WORKER = 2
 
 
@@ -83,27 +77,11 @@ class RunOptions:
     handle_signals: bool = True  # off when embedded in another program's loop
     progress: bool = False  # draw the live progress display on stderr (progress.py)
     metrics_file: Path | None = None  # keep this Prometheus textfile up to date (metrics.py)
+    no_wait: bool = False  # batch mode: submit the jobs and return; a later run collects them
     engine: Literal["local", "ray"] = "local"  # ray: the captioner in Ray actors (ray_run.py)
     workers: int = 2  # --engine ray: CaptionWorker actors
     worker_cpus: float = 0.5  # --engine ray: the CPU share each worker asks Ray for
     ray_address: str | None = None  # --engine ray: a cluster ("auto": this machine's); None: a local Ray
-
-
-@dataclass(slots=True)
-class Outcome:
-    """How an engine's run ended: what the summary needs of it."""
-
-    tally: Tally
-    counters: TransportCounters
-    spent_usd: float
-    stop_code: int | None
-    stopped_because: str | None
-
-    def exit_code(self) -> int:
-        if self.stop_code is not None:
-            return self.stop_code
-        is_failed = any(self.tally.counts[status] for status in FAILED_STATUSES)
-        return EXIT_ROW_ERRORS if is_failed else EXIT_OK
 
 
 async def run(cfg: RunConfig, options: RunOptions) -> RunSummary:
@@ -117,12 +95,20 @@ async def run(cfg: RunConfig, options: RunOptions) -> RunSummary:
         check_manifest_columns(structured, manifest_columns(options.manifest), cfg.source)
     key = api_key(cfg)  # a missing key stops us before the output is touched
     if options.engine == "ray":
+        if cfg.endpoint.mode == "batch":
+            raise ConfigError(
+                f"{cfg.source}: endpoint.mode = 'batch' runs no workers; --engine ray is for live mode"
+            )
         from pipeline.ray_cluster import import_ray
 
         import_ray()  # so does a missing Ray extra
     # a spend cap needs a price: without one the run stops here, naming the file to edit
     price = price_for_run(cfg) if cfg.limits.max_cost_usd is not None else _price_or_none(cfg)
     with checkpoint.output_lock(options.output):
+        if cfg.endpoint.mode == "batch":
+            from pipeline.batch.run import run_batch  # the Batch API transport (pipeline/batch/)
+
+            return await run_batch(cfg, options, key, price, structured)
         return await _run_locked(cfg, options, key, price, structured)
 
 
@@ -134,21 +120,7 @@ async def _run_locked(
     # ~1 s of building the text encoding, in a thread while the output and the manifest are read;
     # the producer waits for it before the first row goes to a worker
     encoding_ready = loop.run_in_executor(None, load_encoding, cfg.endpoint.model)
-    recovered = Recovered()
-    if (options.output / JOURNAL_DIR).is_dir():  # a run before this one was killed: commit what it paid for
-        recovered = await asyncio.to_thread(recover, options.output)
-    resume = await asyncio.to_thread(
-        functools.partial(
-            checkpoint.open_output,
-            options.output,
-            cfg,
-            options.manifest,
-            started_at,
-            retry_failed=options.retry_failed,
-            new_run=options.new_run,
-            answer_format=None if structured is None else structured.fingerprint,
-        )
-    )
+    recovered, resume = await open_run_output(cfg, options, structured, started_at)
     run_id = resume.run_id
     if resume.archived:
         log.warning("rows made with other settings moved to %s", resume.archived)
@@ -175,7 +147,7 @@ async def _run_locked(
             )
     await encoding_ready  # done by now; a failure to build it is not left unseen
     if stages.stop_code == EXIT_BUDGET:
-        left = await asyncio.to_thread(_rows_left, cfg, options)
+        left = await asyncio.to_thread(rows_left, cfg, options.manifest, options.output)
         stages.stopped_because = (
             f"budget reached: spent ${stages.spent_usd:.4f} of ${cfg.limits.max_cost_usd:.4f}; "
             f"{left} rows left for the next run"
@@ -215,18 +187,47 @@ async def _run_locked(
         recovered_cost_usd=recovered.cost_usd,
         max_cost_usd=cfg.limits.max_cost_usd,
     )
+    return await finish_run(summary)
+
+
+async def finish_run(summary: RunSummary) -> RunSummary:
+    """Log the run's end and write ``_stats.json`` (a failure to write it is logged, not raised)."""
     stats = summary_as_dict(summary)
     log.info(
         "run %s finished with exit code %d",
-        run_id,
+        summary.run_id,
         summary.exit_code,
         extra={"event": "run_finished", **stats},
     )
     try:
-        await asyncio.to_thread(write_json_atomic, options.output / STATS_FILE, stats)
+        await asyncio.to_thread(write_json_atomic, summary.output / STATS_FILE, stats)
     except OSError as err:
         log.error("could not write %s: %s", STATS_FILE, err)
     return summary
+
+
+async def open_run_output(
+    cfg: RunConfig, options: RunOptions, structured: Structured | None, started_at: float
+) -> tuple[Recovered, checkpoint.Resume]:
+    """Commit what a killed run journalled, then open the output for this run (``checkpoint.open_output``).
+
+    Every engine starts here (the local one, the batch one)."""
+    recovered = Recovered()
+    if (options.output / JOURNAL_DIR).is_dir():  # a run before this one was killed: commit what it paid for
+        recovered = await asyncio.to_thread(recover, options.output)
+    resume = await asyncio.to_thread(
+        functools.partial(
+            checkpoint.open_output,
+            options.output,
+            cfg,
+            options.manifest,
+            started_at,
+            retry_failed=options.retry_failed,
+            new_run=options.new_run,
+            answer_format=None if structured is None else structured.fingerprint,
+        )
+    )
+    return recovered, resume
 
 
 async def _caption_locally(
@@ -263,16 +264,6 @@ async def _caption_locally(
     return Outcome(
         stages.tally, client.counters(), budget.spent_usd, stages.stop_code, stages.stopped_because
     )
-
-
-def _rows_left(cfg: RunConfig, options: RunOptions) -> int:
-    """Manifest rows not committed in the output (each id once), for the budget's stop message. Blocking."""
-    committed = checkpoint.committed_ids(options.output)
-    seen: set[str] = set()
-    for item in read_manifest(options.manifest, cfg.request, committed, group_skipped=True):
-        if not isinstance(item, Skipped):
-            seen.add(item.row_id)
-    return len(seen)
 
 
 def _price_or_none(cfg: RunConfig) -> Price | None:
@@ -477,7 +468,10 @@ class _Stages:
 
     async def produce(self) -> None:
         """Queue each manifest row that is neither committed nor a duplicate; then one stop per worker."""
-        async for item in rows_to_send(self.options, self.cfg, self.prior, self.tally, self.taken):
+        rows = rows_to_send(
+            self.options.manifest, self.options.limit, self.cfg, self.prior, self.tally, self.taken
+        )
+        async for item in rows:
             if self.stopping.is_set():
                 break
             if isinstance(item, ManifestError):
@@ -500,36 +494,3 @@ class _Stages:
                 self.on_budget_reached()
                 continue  # not sent: the row stays uncommitted for the next run
             await self.commit(result)
-
-
-async def rows_to_send(
-    options: RunOptions, cfg: RunConfig, prior: IdSet, tally: Tally, taken: set[str]
-) -> AsyncIterator[ImageTask | ManifestError]:
-    """The manifest's rows that are neither committed (`prior`) nor taken up already in this run, at most
-    ``options.limit``; each taken up is added to `taken`, skipped ones and duplicates counted in `tally`.
-    A bad row comes as its ManifestError (logged), to be committed as an error row."""
-    limit = options.limit
-    async for item in _stream_manifest(options.manifest, cfg, prior):
-        if limit is not None and len(taken) >= limit:
-            return
-        if isinstance(item, Skipped):  # the reader looked every id up in `prior`
-            tally.skipped += item.rows
-            continue
-        if item.row_id in taken:
-            tally.duplicates += 1
-            log.warning("row %r: duplicate id again at manifest line %d, ignored", item.row_id, item.line)
-            continue
-        taken.add(item.row_id)
-        if isinstance(item, ManifestError):
-            log.warning("%s", item)
-        yield item
-
-
-async def _stream_manifest(
-    path: Path, cfg: RunConfig, skip: IdSet
-) -> AsyncIterator[ImageTask | ManifestError | Skipped]:
-    """The manifest's rows, read in a thread a batch at a time so the loop never waits on the disk."""
-    rows = read_manifest(path, cfg.request, skip, group_skipped=True)
-    while batch := await asyncio.to_thread(lambda: list(islice(rows, MANIFEST_BATCH_ROWS))):
-        for item in batch:
-            yield item
