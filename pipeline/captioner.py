@@ -144,8 +144,13 @@ async def prepare_images(
             return prepare_image_bytes(downloads[n], ref=ref, detail=detail, cfg=images, row_id=row_id)
         return prepare_image(ref, base_dir=base_dir, detail=detail, cfg=images, row_id=row_id)
 
-    loop = asyncio.get_running_loop()
-    jobs = [loop.run_in_executor(pool, prepare, n, ref) for n, ref in enumerate(task.images)]
-    prepared: Sequence[PreparedImage] = await asyncio.gather(*jobs)  # the images of a row in parallel
+    prepared: Sequence[PreparedImage]
+    if not images.fetch_remote and all(is_remote_url(ref) for ref in task.images):
+        # URLs passed through: nothing to decode, so no hop to a thread and back (bench/overhead.py)
+        prepared = [prepare(n, ref) for n, ref in enumerate(task.images)]
+    else:
+        loop = asyncio.get_running_loop()
+        jobs = [loop.run_in_executor(pool, prepare, n, ref) for n, ref in enumerate(task.images)]
+        prepared = await asyncio.gather(*jobs)  # the images of a row in parallel
     check_request_size(prepared, cfg=images, row_id=row_id)
     return list(prepared)

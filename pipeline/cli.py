@@ -14,17 +14,18 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import click
 
 from pipeline.config import load_config, with_max_cost
 from pipeline.estimate import EstimateOptions, estimate
 from pipeline.estimate_text import estimate_as_json, format_estimate
-from pipeline.exits import EXIT_MEANINGS, EXIT_OK, EXIT_OUTPUT_FAILED, EXIT_USAGE
+from pipeline.exits import EXIT_MEANINGS, EXIT_OK, EXIT_OUTPUT_FAILED, EXIT_REFUSED, EXIT_USAGE
 from pipeline.logs import LOG_FORMATS, LogFormat, setup_logging
 from pipeline.plan import parse_window_h
 from pipeline.preview import preview_as_json, preview_first_request
-from pipeline.records import ConfigError
+from pipeline.records import ConfigError, RunAborted
 from pipeline.report import REPORT_FILE, write_report
 from pipeline.runner import RunOptions, run
 from pipeline.status import format_status, read_status
@@ -101,10 +102,33 @@ def main() -> None:
     help="Spend at most this many US dollars in this run (wins over limits.max_cost_usd); exit 5 when reached.",
 )
 @click.option(
+    "--no-wait",
+    is_flag=True,
+    help='endpoint.mode = "batch": submit the batch jobs and exit 0; a later run collects their answers.',
+)
+@click.option(
     "--dry-run",
     is_flag=True,
     help="Print the first request that would be sent (images shortened, no key) and exit 0; send nothing.",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: this process. ray: Ray actors sharing one quota (the optional extra; see the README).",
+)
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=2, show_default=True, help="--engine ray: workers."
+)
+@click.option(
+    "--worker-cpus",
+    type=click.FloatRange(min=0.01),
+    default=0.5,
+    show_default=True,
+    help="--engine ray: the CPU share each worker asks Ray for (1 for image-heavy runs).",
+)
+@click.option("--ray-address", help="--engine ray: a cluster's address, or auto; default: start a local Ray.")
 def run_command(
     config: Path,
     manifest: Path,
@@ -118,7 +142,12 @@ def run_command(
     progress: bool | None,
     metrics_file: Path | None,
     max_cost: float | None,
+    no_wait: bool,
     dry_run: bool,
+    engine: Literal["local", "ray"],
+    workers: int,
+    worker_cpus: float,
+    ray_address: str | None,
 ) -> None:
     """Caption every manifest row not yet in OUTPUT; a rerun resumes where the last one stopped."""
     chosen = _setup_logging(verbose, quiet, log_format)
@@ -126,7 +155,8 @@ def run_command(
         progress = chosen == "text" and not quiet and sys.stderr.isatty()
     options = RunOptions(
         manifest, output, limit=limit, retry_failed=retry_failed, new_run=new_run, progress=progress,
-        metrics_file=metrics_file,
+        metrics_file=metrics_file, no_wait=no_wait, engine=engine, workers=workers, worker_cpus=worker_cpus,
+        ray_address=ray_address,
     )  # fmt: skip
     with _exit_on_errors(f"use the output {output}"):
         cfg = load_config(config)
@@ -245,6 +275,37 @@ def report_command(output: Path, dest: Path | None) -> None:
     click.echo(str(path))
 
 
+@main.group(name="batches")
+def batches_group() -> None:
+    """Batch API jobs of an output (endpoint.mode = "batch")."""
+
+
+@batches_group.command(name="cancel")
+@click.argument("output", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The run config naming the endpoint (default: the config of OUTPUT's last run).",
+)
+def batches_cancel_command(output: Path, config: Path | None) -> None:
+    """Cancel OUTPUT's jobs still running; the next run collects the lines they finished."""
+    from pipeline.batch.control import cancel_batches, last_run_config
+    from pipeline.config import api_key
+
+    _setup_logging(0, True)
+    with _exit_on_errors(f"read {output}"):
+        cfg = load_config(config or last_run_config(output))
+        try:
+            answers = asyncio.run(cancel_batches(cfg, output, api_key(cfg)))
+        except RunAborted as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(EXIT_REFUSED)
+    for batch_id, status in answers:
+        click.echo(f"{batch_id}: {status}")
+    if not answers:
+        click.echo("no batch of this output is running")
+
+
 @main.command(name="emulator")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Loopback only, unless you mean it.")
 @click.option("--port", default=0, show_default=True, help="0 picks a free port.")
@@ -262,6 +323,31 @@ def report_command(output: Path, dest: Path | None) -> None:
 @click.option(
     "--request-log", type=click.Path(dir_okay=False, path_type=Path), help="Append a JSON line per request."
 )
+@click.option(
+    "--batch-delay",
+    "batch_delay_s",
+    default=0.0,
+    show_default=True,
+    help="Batch API: seconds a job waits before its lines are answered.",
+)
+@click.option(
+    "--batch-expire-after",
+    default=0,
+    show_default=True,
+    help="Batch API: a job expires after answering this many lines (0: never).",
+)
+@click.option(
+    "--batch-fail-every",
+    default=0,
+    show_default=True,
+    help="Batch API: every Nth line is answered with a server_error line (0: none).",
+)
+@click.option(
+    "--batch-enqueued-tokens",
+    default=0,
+    show_default=True,
+    help="Batch API: refuse jobs past this many enqueued tokens (token_limit_exceeded; 0: none).",
+)
 def emulator_command(
     host: str,
     port: int,
@@ -275,8 +361,13 @@ def emulator_command(
     rpm: int,
     seed: int,
     request_log: Path | None,
+    batch_delay_s: float,
+    batch_expire_after: int,
+    batch_fail_every: int,
+    batch_enqueued_tokens: int,
 ) -> None:
-    """Serve the Azure and OpenAI chat-completions API locally, for demos, tests and quota rehearsals.
+    """Serve the Azure and OpenAI chat-completions, Files and Batches APIs locally, for demos, tests and
+    quota rehearsals.
 
     The first line printed is "listening on http://HOST:PORT".
     """
@@ -291,6 +382,10 @@ def emulator_command(
         tokens_per_minute=tpm,
         requests_per_minute=rpm,
         seed=seed,
+        batch_delay_s=batch_delay_s,
+        batch_expire_after_lines=batch_expire_after,
+        batch_fail_every=batch_fail_every,
+        batch_enqueued_tokens=batch_enqueued_tokens,
     )
     emulator = Emulator(
         cfg, api_key=api_key, deployment=deployment, model=model, request_log=request_log, keep_requests=False

@@ -201,13 +201,20 @@ class Tried:
     reply: Reply | None
     verdict: Verdict
     cause: str  # retry_cause, counted if the row is tried again
-    reason: str
     billed_usd: float | None  # what the attempt costs; None: it may have been billed, for how much is unknown
+    failure: str = ""  # why no answer came (timeout, connection), when none did
     is_moved: bool = False  # cut short because its endpoint was taken out (``Client.abandon_in_flight``)
 
     @property
     def status(self) -> int | None:
         return None if self.reply is None else self.reply.status
+
+    @property
+    def reason(self) -> str:
+        """Why the attempt gave no result, in one line; built only when asked: most attempts succeed."""
+        if self.reply is None:
+            return self.failure
+        return f"HTTP {self.reply.status}: {error_message(self.reply.body, self.reply.text)}"
 
 
 class Client:
@@ -257,9 +264,9 @@ class Client:
             if scope in self._abandoned:
                 self._abandoned.discard(scope)
                 reason = "moved: its endpoint was taken out while the request was on the wire"
-                return Tried(None, Verdict("retry"), "moved", reason, None, is_moved=True)
+                return Tried(None, Verdict("retry"), "moved", None, reason, is_moved=True)
             reason = _describe_exception(err, self._cfg.timeout_s)
-            return Tried(None, Verdict("retry"), retry_cause(None, err), reason, None)
+            return Tried(None, Verdict("retry"), retry_cause(None, err), None, reason)
         if reply.status != 429:
             # A 429 saying "0 remaining" describes the moment of the refusal, which its retry-after already
             # covers; booked as a full window it would hold the endpoint ~10 s instead of what was asked.
@@ -272,10 +279,7 @@ class Client:
             self.charged_tokens += usage.prompt_tokens + max_tokens
         elif reply.status == 429:
             self.limits.settle(reservation, 0)  # a refused request is not charged against the quota
-        reason = f"HTTP {reply.status}: {error_message(reply.body, reply.text)}"
-        return Tried(
-            reply, verdict, retry_cause(reply.status), reason, self._billed_usd(reply, verdict, plan)
-        )
+        return Tried(reply, verdict, retry_cause(reply.status), self._billed_usd(reply, verdict, plan))
 
     async def _post(self, body: Mapping[str, Any], sending: _Sending) -> Reply:
         timeout = aiohttp.ClientTimeout(total=self._cfg.timeout_s)

@@ -39,6 +39,7 @@ class EndpointConfig:
     api_version: str = "2024-02-15-preview"
     api_key_env: str = ""  # name of the environment variable holding the key, never the key itself
     model: str = "gpt-4-turbo"  # used for token accounting and prices
+    mode: Literal["live", "batch"] = "live"  # batch: the Batch API, half price within 24 h (pipeline/batch/)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +119,12 @@ class EmulatorConfig:
     tokens_per_minute: int = 0  # 0: no quota enforced
     requests_per_minute: int = 0
     seed: int = 0
+    batch_delay_s: float = 0.0  # Batch API: seconds a job waits in_progress before its lines are answered
+    batch_expire_after_lines: int = 0  # a job expires after answering this many lines (0: never)
+    batch_fail_every: int = 0  # every Nth line of a job is answered with a server_error line (0: none)
+    batch_max_file_bytes: int = 200 * 1024 * 1024  # uploads over this are refused, as the services do
+    batch_max_file_requests: int = 100_000  # a job with more lines fails validation
+    batch_enqueued_tokens: int = 0  # jobs over this many enqueued prompt tokens fail (0: no quota)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +140,21 @@ class PricingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchConfig:
+    """How a run with endpoint.mode = "batch" packs, submits and waits for Batch API jobs."""
+
+    completion_window: str = "24h"  # the only window the services offer
+    max_file_bytes: int = 190_000_000  # the services refuse input files over 200 MB; keep a margin
+    max_file_requests: int = 50_000  # OpenAI's limit (Azure's v1 reference says the same)
+    enqueued_tokens: int = 0  # the deployment's enqueued-token quota; 0: unknown, back off when refused
+    poll_s: float = 60.0  # Azure asks for no faster than once a minute; lower only against an emulator
+    max_rounds: int = 3  # submissions of rows a batch left over (expired, cancelled, timed out) per run
+
+
+BATCH_MIN_API_VERSION = "2024-07-01-preview"  # Azure's first api-version with the Batch API
+
+
+@dataclass(frozen=True, slots=True)
 class RunConfig:
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
     request: RequestConfig = field(default_factory=RequestConfig)
@@ -141,6 +163,7 @@ class RunConfig:
     images: ImagesConfig = field(default_factory=ImagesConfig)
     emulator: EmulatorConfig = field(default_factory=EmulatorConfig)
     pricing: PricingConfig = field(default_factory=PricingConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
     source: str = "<defaults>"  # the file it came from, for messages
     endpoints: tuple[PoolMember, ...] = ()  # [[endpoints]]; empty: the single [endpoint] + [limits] form
 
@@ -174,6 +197,7 @@ _SECTION_TYPES = {
     "images": ImagesConfig,
     "emulator": EmulatorConfig,
     "pricing": PricingConfig,
+    "batch": BatchConfig,
 }
 
 
@@ -363,6 +387,10 @@ def _check(cfg: RunConfig) -> None:
         "emulator.latency_s": cfg.emulator.latency_s,
         "emulator.tokens_per_minute": cfg.emulator.tokens_per_minute,
         "emulator.requests_per_minute": cfg.emulator.requests_per_minute,
+        "emulator.batch_delay_s": cfg.emulator.batch_delay_s,
+        "emulator.batch_expire_after_lines": cfg.emulator.batch_expire_after_lines,
+        "emulator.batch_fail_every": cfg.emulator.batch_fail_every,
+        "emulator.batch_enqueued_tokens": cfg.emulator.batch_enqueued_tokens,
         "images.max_redirects": cfg.images.max_redirects,
         "images.threads": cfg.images.threads,
     }
@@ -378,6 +406,7 @@ def _check(cfg: RunConfig) -> None:
         if not root.strip():
             raise ConfigError(f"{src}: images.allowed_roots[{n}] is empty: name a folder")
     _check_pricing(cfg)
+    _check_batch(cfg)
     if lim.max_cost_usd is not None and not 0 < lim.max_cost_usd < float("inf"):
         raise ConfigError(f"{src}: limits.max_cost_usd = {lim.max_cost_usd}: must be a number greater than 0")
 
@@ -392,6 +421,36 @@ def _check_endpoint(ep: EndpointConfig, src: str, where: str) -> None:
         raise ConfigError(f"{src}: {where}.url is required when {where}.provider = 'openai'")
     if ep.provider != "emulator" and not ep.url.startswith(("http://", "https://")):
         raise ConfigError(f"{src}: {where}.url = {ep.url!r}: must start with http:// or https://")
+
+
+def _check_batch(cfg: RunConfig) -> None:
+    src, batch, ep = cfg.source, cfg.batch, cfg.endpoint
+    for key in ("max_file_bytes", "max_file_requests", "poll_s", "max_rounds"):
+        if getattr(batch, key) <= 0:
+            raise ConfigError(f"{src}: batch.{key} = {getattr(batch, key)}: must be greater than 0")
+    if batch.enqueued_tokens < 0:
+        raise ConfigError(f"{src}: batch.enqueued_tokens = {batch.enqueued_tokens}: must not be negative")
+    batch_members = [n for n, m in enumerate(cfg.endpoints) if m.endpoint.mode == "batch"]
+    if batch_members and len(cfg.endpoints) > 1:
+        raise ConfigError(
+            f'{src}: endpoints[{batch_members[0]}].mode = "batch": a Batch API run uses one endpoint; '
+            "give it a single [endpoint] table"
+        )
+    if ep.mode == "batch" and ep.provider == "azure" and not is_batch_api_version(ep.api_version):
+        raise ConfigError(
+            f'{src}: endpoint.api_version = {ep.api_version!r}: the Batch API needs "v1" or '
+            f'{BATCH_MIN_API_VERSION} or later (endpoint.mode = "batch")'
+        )
+
+
+def is_batch_api_version(api_version: str) -> bool:
+    """Whether Azure serves the Batch API at `api_version`: "v1", or a dated version (YYYY-MM-DD, maybe with
+    "-preview") from 2024-07-01-preview on."""
+    if api_version == "v1":
+        return True
+    date, rest = api_version[:10], api_version[10:]
+    is_dated = len(date) == 10 and date[4] == date[7] == "-" and rest in ("", "-preview")
+    return is_dated and date >= BATCH_MIN_API_VERSION[:10]
 
 
 def with_max_cost(cfg: RunConfig, max_cost_usd: float) -> RunConfig:

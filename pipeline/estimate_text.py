@@ -22,12 +22,16 @@ value is null, money is US dollars::
                      estimated_cost_usd, billed_cost_usd, cost_difference_pct}
     cap             null | {max_cost_usd, fits_at_most, fits_expected, rows_within_at_most,
                      rows_within_expected}                  with a spend cap (limits.max_cost_usd, --max-cost)
+    mode            "live" | "batch"                        endpoint.mode; batch: batch_cost is what is billed
+    batch_duration_h  24                                    the Batch API's completion window: the most it takes
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
 from typing import Any
+
+BATCH_WINDOW_H = 24  # the Batch API answers within its 24 h completion window (OpenAI and Azure Global Batch)
 
 from pipeline.plan import Estimate
 from pipeline.pricing import cost_usd
@@ -88,6 +92,8 @@ def estimate_as_json(e: Estimate) -> dict[str, Any]:
         },
         "observed": observed,
         "cap": None if e.cap is None else asdict(e.cap),
+        "mode": e.mode,
+        "batch_duration_h": BATCH_WINDOW_H,
     }
 
 
@@ -127,6 +133,11 @@ def format_estimate(e: Estimate) -> str:
             f"checked {p.checked}; {p.file}"
         ),
     ]
+    if e.mode == "batch":
+        lines.append(
+            f"batch mode: billed at Batch API prices (${e.batch_cost.total_expected_usd:,.4f} expected); "
+            f"duration up to {BATCH_WINDOW_H} h (the completion window); the live figures below are for comparison"
+        )
     if d.rows_per_min is None or d.reserve_tokens_per_row is None:
         lines.append("duration: nothing to send")
     else:

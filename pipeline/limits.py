@@ -61,12 +61,13 @@ class Reservation:
     """One admitted request in the window; `tokens` is corrected once the bill is known.
 
     `requests` is 1, or what others used according to the server's headers (see `Limits.observe`).
+    `in_window`: still counted in the window log, so that settling it is O(1), not a scan of the log.
     """
 
     at: float
     tokens: int
     requests: int = 1
-    is_others: bool = False  # a share of what others used, per the headers; replaced at the next answer
+    in_window: bool = False  # set by _WindowLog only
 
 
 class _WindowLog:
@@ -80,12 +81,35 @@ class _WindowLog:
 
     def add(self, reservation: Reservation) -> None:
         self.entries.append(reservation)
+        reservation.in_window = True
+        self.tokens += reservation.tokens
+        self.requests += reservation.requests
+
+    def remove(self, reservation: Reservation) -> None:
+        """Take `reservation` out of the log. It is among the newest (booked, restamped or others' share
+        of the last answer): searched from the right, so that this costs little with a long window."""
+        for back, entry in enumerate(reversed(self.entries)):
+            if entry is reservation:
+                del self.entries[len(self.entries) - 1 - back]
+                break
+        reservation.in_window = False
+        self.tokens -= reservation.tokens
+        self.requests -= reservation.requests
+
+    def insert(self, reservation: Reservation) -> None:
+        """Put `reservation` back in order of time (expiry reads the log from the left)."""
+        index = len(self.entries)
+        while index > 0 and self.entries[index - 1].at > reservation.at:
+            index -= 1
+        self.entries.insert(index, reservation)
+        reservation.in_window = True
         self.tokens += reservation.tokens
         self.requests += reservation.requests
 
     def expire(self, now: float) -> None:
         while self.entries and self.entries[0].at + WINDOW_S + self.slack_s <= now + TIMER_EARLY_S:
             gone = self.entries.popleft()
+            gone.in_window = False
             self.tokens -= gone.tokens
             self.requests -= gone.requests
 
@@ -158,6 +182,7 @@ class Limits:
         # aiolimiter keeps any second to its share of the RPM (Azure's other, 1-s window); it binds only
         # when requests, not tokens, are the scarce budget
         self._per_second = AsyncLimiter(max(1.0, requests_per_minute / 60), 1.0)
+        self._others: Reservation | None = None  # what others used, per the last answer's headers
         self._resume_at = 0.0
         self.pauses = 0
         self.paused_s = 0.0
@@ -214,10 +239,8 @@ class Limits:
             offered.cancel()
         elif not offered.cancelled() and offered.exception() is None:
             reservation = offered.result()
-            if reservation in self._log.entries:
-                self._log.entries.remove(reservation)
-                self._log.tokens -= reservation.tokens
-                self._log.requests -= reservation.requests
+            if reservation.in_window:
+                self._log.remove(reservation)
                 self._token_ramp.give_back(reservation.at, reservation.tokens)
                 self._request_ramp.give_back(reservation.at, 1)
         if self._waiting:
@@ -227,16 +250,7 @@ class Limits:
         """The request has just gone out (its headers are sent): its time in the window is now, not when it
         was admitted. Opening a new connection can take longer than the window's slack, and the server
         counts the request from its arrival."""
-        now = self._loop.time()
-        entries = self._log.entries
-        if now <= reservation.at or reservation not in entries:
-            return
-        entries.remove(reservation)
-        reservation.at = now
-        position = len(entries)
-        while position and entries[position - 1].at > now:
-            position -= 1
-        entries.insert(position, reservation)
+        self.move(reservation, self._loop.time())
 
     async def take(self, reservation: Reservation) -> Reservation:
         """Send a booked request once the per-second pacer lets it go. Raises LimitsClosed after ``close``."""
@@ -296,11 +310,20 @@ class Limits:
 
     def settle(self, reservation: Reservation, tokens: int) -> None:
         """Correct a reservation with what the server billed (prompt tokens + max_tokens)."""
-        if reservation in self._log.entries:
+        if reservation.in_window:  # not `in self._log.entries`: a scan of the window per row
             self._log.tokens += tokens - reservation.tokens
         reservation.tokens = tokens
         if self._waiting:
             self._admit()  # a smaller bill may make room now
+
+    def move(self, reservation: Reservation, at: float) -> None:
+        """Count `reservation` from `at` (loop time), when it is later than its booking: the request left
+        after its admission by more than the same process would take (a Ray worker's, shared_quota.py)."""
+        if at <= reservation.at or not reservation.in_window:
+            return
+        self._log.remove(reservation)
+        reservation.at = at
+        self._log.insert(reservation)
 
     def pause(self, wait_s: float) -> None:
         """A 429: admit nothing for exactly `wait_s` seconds. After a hold of a window or more the window
@@ -354,23 +377,25 @@ class Limits:
         """
         now = self._loop.time()
         self._log.expire(now)
-        own = [entry for entry in self._log.entries if not entry.is_others]
-        own_tokens = sum(entry.tokens for entry in own)
-        own_requests = sum(entry.requests for entry in own)
+        others = self._others if self._others is not None and self._others.in_window else None
+        own_tokens = self._log.tokens - (others.tokens if others else 0)
+        own_requests = self._log.requests - (others.requests if others else 0)
         unseen_tokens = _unseen(
             headers.get("x-ratelimit-remaining-tokens"), self.tokens_per_minute, own_tokens
         )
         unseen_requests = _unseen(
             headers.get("x-ratelimit-remaining-requests"), self.requests_per_minute, own_requests
         )
-        if len(own) == len(self._log.entries) and not (unseen_tokens or unseen_requests):
+        if others is None and not (unseen_tokens or unseen_requests):
             return  # nothing booked for others, nothing to book
         if unseen_tokens:
             unseen_tokens += int(self.tokens_per_minute / WINDOWS_PER_MINUTE * OTHERS_MARGIN_SHARE)
-        self._log.entries = deque(own)
-        self._log.tokens, self._log.requests = own_tokens, own_requests
+        if others is not None:
+            self._log.remove(others)
+        self._others = None
         if unseen_tokens or unseen_requests:
-            self._log.add(Reservation(now, unseen_tokens, unseen_requests, is_others=True))
+            self._others = Reservation(now, unseen_tokens, unseen_requests)
+            self._log.add(self._others)
         if self._waiting:
             self._admit()  # less booked for others than before may leave room now
 

@@ -138,6 +138,7 @@ class Estimate:
     duration: Duration
     observed: Observed | None
     cap: CapFit | None = None  # None without limits.max_cost_usd
+    mode: str = "live"  # endpoint.mode: with "batch" the cost is batch_cost and the duration up to 24 h
 
 
 # ---- the arithmetic: totals, costs, duration -----------------------------------------------------------
@@ -302,6 +303,7 @@ def summarize(
         plan_duration(rows, tally.prompt_tokens, cfg, window_h=window_h, latency_s=latency_s),
         observed,
         None if cfg.limits.max_cost_usd is None else fit_cap(cfg.limits.max_cost_usd, rows, live),
+        cfg.endpoint.mode,
     )
 
 

@@ -11,6 +11,7 @@ from enum import StrEnum
 from typing import Any, Literal
 
 Detail = Literal["low", "high", "auto"]
+Mode = Literal["live", "batch"]
 Status = Literal["ok", "filtered", "error", "refused", "invalid_output"]
 STATUSES: tuple[Status, ...] = ("ok", "filtered", "error", "refused", "invalid_output")
 TEXT_STATUSES: tuple[Status, ...] = ("ok", "filtered", "error")  # always counted; the others when they occur
@@ -39,6 +40,9 @@ class ErrorKind(StrEnum):
     OVER_CONTEXT = "over_context"  # the prompt is longer than the model's context
     HTTP_4XX = "http_4xx"  # the endpoint refused this row (400, 413, 422 ...): sending it again won't help
     RETRIES_EXHAUSTED = "retries_exhausted"  # 429, 5xx, timeouts or dropped connections until out of attempts
+    BATCH_LINE_FAILED = (
+        "batch_line_failed"  # a Batch API job answered this row's line with an error (its code)
+    )
     UNEXPECTED = "unexpected"  # a surprise in our code: the traceback is in the log with the row's id
 
 
@@ -128,6 +132,7 @@ class VisionResult:
     fields: Mapping[str, Any] | None = None  # structured answers: the schema's columns (structured.py)
     response_extra: str | None = None  # JSON of what the response held that no column models
     endpoint: str | None = None  # the endpoint's name that answered (or last tried), None if never sent
+    mode: Mode = "live"  # which transport answered: live requests or a Batch API job
 
 
 @dataclass(frozen=True, slots=True)

@@ -110,7 +110,8 @@ def plan_request(
     if any(size is not None and _is_remote(image) for image, size in zip(images, billed_sizes, strict=True)):
         reserved = count_prompt_tokens(messages, [None if _is_remote(i) else _size(i) for i in images], model)
     plan = RequestPlan(task, body, estimated, reserved + max_tokens)
-    return replace(plan, refusal=refusal_of(plan, cfg))
+    refusal = refusal_of(plan, cfg)
+    return plan if refusal is None else replace(plan, refusal=refusal)  # replace is slow: not per row
 
 
 def refusal_of(plan: RequestPlan, cfg: RunConfig) -> RowError | None:

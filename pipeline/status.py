@@ -6,19 +6,22 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.batch.ledger import BatchInfo, batch_infos
 from pipeline.journal import pending_rows
 from pipeline.records import FAILED_STATUSES, STATUSES, TEXT_STATUSES, ConfigError
 from pipeline.sink import RUN_FILE, STATS_FILE, part_files, read_output
 
 STATUS_COLUMNS = ("id", "status", "prompt_tokens", "completion_tokens", "cost_usd", "error", "finished_at")
 MAX_FAILED_LISTED = 1000
+MAX_COLLECTED_BATCHES_LISTED = 5  # the text lists every live batch and the last few collected
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +45,7 @@ class OutputStatus:
     journalled: int = (
         0  # rows answered (and paid for) but in no committed part yet: a run is going, or was killed
     )
+    batches: list[BatchInfo] = field(default_factory=list)  # Batch API jobs of the output (batch mode)
 
 
 def summarize(output: str, table: pa.Table, last_run: dict[str, Any] | None) -> OutputStatus:
@@ -76,7 +80,7 @@ def read_status(output: Path) -> OutputStatus:
     last_run = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.exists() else None
     status = summarize(str(output), read_output(output, STATUS_COLUMNS), last_run)
     journalled, _ = pending_rows(output)
-    return replace(status, journalled=len(journalled))
+    return replace(status, journalled=len(journalled), batches=batch_infos(output, time.time()))
 
 
 def format_status(status: OutputStatus) -> str:
@@ -102,9 +106,29 @@ def format_status(status: OutputStatus) -> str:
             f"{run.get('duration_s')} s"
             + (f", stopped: {run['stopped_because']}" if run.get("stopped_because") else "")
         )
+    if status.batches:
+        lines.append("batches (state at the last poll; `run` collects finished ones):")
+        collected = [b for b in status.batches if b.state == "collected"]
+        older = collected[:-MAX_COLLECTED_BATCHES_LISTED]
+        lines += [format_batch(b) for b in status.batches if b not in older]
+        if older:
+            lines.append(f"  … and {len(older)} earlier collected batches (see --json)")
     if status.failed:
         lines.append(f"failed rows ({status.failed_total}; `run --retry-failed` sends them again):")
         lines += [f"  {row.row_id}: {row.error}" for row in status.failed]
         if status.failed_total > len(status.failed):
             lines.append(f"  … and {status.failed_total - len(status.failed)} more (see --json)")
     return "\n".join(lines)
+
+
+def format_batch(info: BatchInfo) -> str:
+    """One job in one line: id, state, request counts, age."""
+    counts = "" if info.total is None else f", {info.completed}/{info.total} done, {info.failed} failed"
+    left = f", {info.left} rows left over" if info.left else ""
+    return f"  {info.batch_id}: {info.state}, {info.rows} rows{counts}{left}, {_age(info.age_s)} old"
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"

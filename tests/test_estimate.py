@@ -419,6 +419,8 @@ def test_estimate_json_on_sample_data_follows_the_documented_schema():
         "failing",
         "observed",
         "cap",
+        "mode",
+        "batch_duration_h",
     ]
     assert doc["schema"] == SCHEMA and doc["rows"]["to_send"] == 13 and doc["prompt_tokens"] > 13 * 85
     assert set(doc["cost"]) == {

@@ -231,3 +231,33 @@ async def test_a_waiter_cancelled_in_the_turn_it_is_turned_away_is_cancelled_not
     await asyncio.gather(waiting, return_exceptions=True)
 
     assert waiting.cancelled()
+
+
+async def test_a_smaller_bill_makes_room_in_the_window_at_once():
+    loop = asyncio.get_running_loop()
+    limits = Limits(tokens_per_minute=6_000, requests_per_minute=600_000)  # 1,000 tokens per window
+    await asyncio.sleep(WINDOW_S + 0.1)  # past the start's ramp
+    first = await limits.acquire(1_000)
+    waiting = asyncio.ensure_future(limits.acquire(900))
+    await asyncio.sleep(1)
+    assert not waiting.done()  # the window is full
+
+    limits.settle(first, 100)  # the server billed less than reserved
+    await asyncio.sleep(0)
+    started = loop.time()
+    await waiting
+    assert loop.time() - started < 0.01
+
+
+async def test_settling_a_reservation_that_left_the_window_frees_nothing():
+    loop = asyncio.get_running_loop()
+    limits = Limits(tokens_per_minute=6_000, requests_per_minute=600_000)
+    await asyncio.sleep(WINDOW_S + 0.1)
+    early = await limits.acquire(1_000)
+    await asyncio.sleep(WINDOW_S + 1)  # `early` has left the window
+    await limits.acquire(1_000)  # fills the window again
+    limits.settle(early, 0)  # a late bill for a request the window no longer counts
+
+    started = loop.time()
+    await limits.acquire(1_000)
+    assert loop.time() - started > WINDOW_S - 0.1  # waits for the second to leave, as before the bill

@@ -35,6 +35,7 @@ from typing import IO, Literal, Self, TypeVar
 from aiohttp import web
 
 from pipeline.config import EmulatorConfig
+from pipeline.emulator.batches import BatchService
 from pipeline.emulator.quota import QUOTA_WINDOW_S, QuotaWindow
 from pipeline.emulator.wire import (
     DEFAULT_MAX_TOKENS,
@@ -173,6 +174,8 @@ class Emulator:
         self._window = QuotaWindow(cfg.tokens_per_minute, cfg.requests_per_minute) if is_quota else None
         self._runner: web.AppRunner | None = None
         self._answered = 0
+        # the Files and Batches APIs (batches.py): tests script them through emu.batches
+        self.batches = BatchService(cfg, api_key=api_key, deployment=deployment, model=model)
 
     def script(self, *faults: Fault) -> None:
         """Answer the next len(faults) requests with these, in order, once their key has been checked."""
@@ -192,6 +195,7 @@ class Emulator:
         if self._runner is not None:
             raise RuntimeError("the emulator is already started")
         app = web.Application(client_max_size=MAX_BODY_BYTES)
+        self.batches.add_routes(app)  # before the catch-all: aiohttp matches routes in the order added
         app.router.add_route("*", "/{path:.*}", self._handle)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await runner.setup()
@@ -211,6 +215,7 @@ class Emulator:
         """Stop listening; answers still sleeping get SHUTDOWN_TIMEOUT_S to finish. Safe to call twice."""
         runner, self._runner = self._runner, None
         try:
+            await self.batches.close()
             if runner is not None:
                 await runner.cleanup()
         finally:

@@ -1,0 +1,122 @@
+"""A batch run's start and end: the output opened, the engine wired and run, signals, the summary.
+
+``run_batch`` is what ``runner.run`` calls for ``endpoint.mode = "batch"``, inside the output lock; the
+work itself is ``engine.BatchEngine``. SIGINT/SIGTERM stop the engine where it is (exit 130): jobs already
+created keep running at the service, and the next run collects them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import aiohttp
+
+from pipeline import checkpoint
+from pipeline.batch.api import BatchApi, surface_for
+from pipeline.batch.engine import BatchEngine
+from pipeline.config import RunConfig
+from pipeline.exits import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROW_ERRORS
+from pipeline.images import image_threads
+from pipeline.pricing import Price
+from pipeline.records import FAILED_STATUSES, STATUSES, TEXT_STATUSES, ConfigError
+from pipeline.runner import RunOptions, finish_run, open_run_output
+from pipeline.sink import Sink
+from pipeline.structured import Structured
+from pipeline.summary import RunSummary
+
+log = logging.getLogger(__name__)
+
+
+async def run_batch(
+    cfg: RunConfig, options: RunOptions, key: str | None, price: Price | None, structured: Structured | None
+) -> RunSummary:
+    """Caption the manifest's rows not yet committed through the Batch API (module docstring).
+
+    Raises ConfigError (exit 2) for a setting the service cannot serve, before anything is uploaded.
+    """
+    if cfg.limits.max_cost_usd is not None:
+        raise ConfigError(
+            f"{cfg.source}: limits.max_cost_usd (or --max-cost) is not supported with "
+            'endpoint.mode = "batch": `estimate` shows the batch cost before you submit'
+        )
+    if options.no_wait and cfg.endpoint.provider == "emulator":
+        raise ConfigError(
+            f"{cfg.source}: --no-wait: provider 'emulator' runs inside this process and its "
+            "batches end with it; point endpoint.url at a running `vision-pipeline emulator`"
+        )
+    loop = asyncio.get_running_loop()
+    started_at, started = time.time(), loop.time()
+    recovered, resume = await open_run_output(cfg, options, structured, started_at)
+    async with contextlib.AsyncExitStack() as stack:
+        if cfg.endpoint.provider == "emulator":
+            from pipeline.emulator.for_run import start_emulators  # only this provider needs the server
+
+            cfg = await start_emulators(cfg, {cfg.endpoint.name: key}, stack)
+        session = await stack.enter_async_context(aiohttp.ClientSession())
+        pool = ThreadPoolExecutor(image_threads(cfg.images), thread_name_prefix="images")
+        stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+        api = BatchApi(session, surface_for(cfg.endpoint, key), cfg.limits)
+        typed = () if structured is None else structured.columns
+        sink = Sink(options.output, cfg.output, resume.run_id, typed_columns=typed)
+        engine = BatchEngine(cfg, options, api, sink, resume.skip, resume.run_id, pool, price, structured)
+        interrupted = await _run_until_signal(engine, options.handle_signals, cfg.limits.grace_s)
+    if resume.retrying:  # --retry-failed: newer rows replace the error rows they retried
+        superseded = await asyncio.to_thread(checkpoint.compact, options.output)
+        log.info("retried rows replaced %d earlier error rows", superseded)
+    tally, duration_s = engine.tally, loop.time() - started
+    is_failed = any(tally.counts[status] for status in FAILED_STATUSES)
+    summary = RunSummary(
+        output=options.output,
+        run_id=resume.run_id,
+        counts={s: tally.counts[s] for s in STATUSES if s in TEXT_STATUSES or tally.counts[s]},
+        skipped=tally.skipped,
+        duplicates=tally.duplicates,
+        prompt_tokens=tally.prompt_tokens,
+        completion_tokens=tally.completion_tokens,
+        cost_usd=round(tally.cost_usd, 6) if price else None,
+        retries=0,
+        pauses=0,
+        paused_s=0.0,
+        duration_s=round(duration_s, 3),
+        exit_code=EXIT_INTERRUPTED if interrupted else EXIT_ROW_ERRORS if is_failed else EXIT_OK,
+        stopped_because=engine.stopped_because,
+        rows_per_s=round(sum(tally.counts.values()) / duration_s, 3) if duration_s > 0 else 0.0,
+        recovered_rows=recovered.rows,
+        recovered_cost_usd=recovered.cost_usd,
+    )
+    return await finish_run(summary)
+
+
+async def _run_until_signal(engine: BatchEngine, handle_signals: bool, grace_s: float) -> bool:
+    """Run `engine`; SIGINT/SIGTERM stop it where it is. Jobs already created keep running at the service
+    and the next run collects them; rows collected so far are committed. Whether a signal stopped it."""
+    loop, current = asyncio.get_running_loop(), asyncio.current_task()
+    signals = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
+    received: list[str] = []
+
+    def on_signal(name: str) -> None:
+        received.append(name)
+        if current is not None:
+            current.cancel()
+
+    for sig in signals:
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    try:
+        await engine.run()
+    except asyncio.CancelledError:
+        if not received or current is None:
+            raise
+        current.uncancel()
+        engine.stopped_because = f"interrupted by {received[0]}: created jobs keep running at the service; the next run collects them"
+        log.warning("run stopped: %s", engine.stopped_because)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        async with asyncio.timeout(grace_s):
+            await engine.sink.flush()  # what was collected so far; the rest is read again by the next run
+    return bool(received)
