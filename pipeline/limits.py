@@ -20,7 +20,9 @@ How the quota is kept (Azure's rules, which the emulator's quota mode mirrors):
 * A 429 holds this endpoint for exactly the time the server gave, and no longer. (Cutting the budget by
   a quarter after each 429 cost the steady pool ~10 % of its quota, since a 429 at a window's edge
   comes from transit jitter, not from others; a quota shared with other clients is followed through
-  the headers instead: bench/pool.py.)
+  the headers instead: bench/pool.py.) When the hold is shorter than a window, it ends with room for the
+  refused request only: the rest wait for an answer's fresh headers, or every request our stale view had
+  room for would go at once into the same full window and draw the next 429 (see ``Limits.pause``).
 * ``x-ratelimit-remaining-tokens`` / ``-requests`` lower than our own view means someone else uses the
   quota: the difference is booked into the window (each answer replaces the figure of the one before),
   so we slow down before the server says 429 (see ``Limits.observe``). On a 429 these headers say
@@ -325,11 +327,14 @@ class Limits:
         reservation.at = at
         self._log.insert(reservation)
 
-    def pause(self, wait_s: float) -> None:
-        """A 429: admit nothing for exactly `wait_s` seconds. After a hold of a window or more the window
-        is empty, as at the start: admissions then ramp up again rather than go in one burst."""
+    def pause(self, wait_s: float, tokens: int = 0) -> None:
+        """A 429 refusing a request of `tokens`: admit nothing for exactly `wait_s` seconds. After a hold
+        of a window or more the window is empty, as at the start: admissions then ramp up again rather than
+        go in one burst. A shorter hold ends with room for that one request only (``_book_refusal``)."""
         if self._closed:
             return  # nothing will be sent again: a pause would only be counted
+        if 0 < tokens and wait_s < WINDOW_S:
+            self._book_refusal(self._loop.time() + wait_s, tokens)
         self.hold(wait_s)
         self.pauses += 1
         if wait_s < MAX_WINDOW_SLACK_S:
@@ -339,6 +344,29 @@ class Limits:
             self._request_ramp = _Ramp(self._request_ramp.per_s, self._resume_at)
         if self._waiting:
             self._admit()
+
+    def _book_refusal(self, resume_at: float, tokens: int) -> None:
+        """The server says the window is full now and has room for a request of `tokens` at `resume_at`:
+        book as others' the gap between that and our view, so that when the hold ends the retry goes and
+        the rest wait for an answer's fresh headers (``observe`` replaces this booking). Without it every
+        request our stale view has room for goes at the end of the hold, and each short hold ends in more
+        429s (bench/pool.py, the shared case)."""
+        now = self._loop.time()
+        self._log.expire(now)
+        others = self._others if self._others is not None and self._others.in_window else None
+        gone_by = resume_at - WINDOW_S - self._log.slack_s  # ours booked before this have left by then
+        own = [e for e in self._log.entries if e is not others and e.at > gone_by]
+        token_gap = int(self.tokens_per_minute / WINDOWS_PER_MINUTE) - tokens - sum(e.tokens for e in own)
+        request_gap = int(max(1.0, self.requests_per_minute / WINDOWS_PER_MINUTE)) - 1 - len(own)
+        if others is not None:
+            if others.tokens >= token_gap and others.requests >= request_gap:
+                return
+            token_gap, request_gap = max(token_gap, others.tokens), max(request_gap, others.requests)
+            self._log.remove(others)
+            self._others = None
+        if token_gap > 0 or request_gap > 0:
+            self._others = Reservation(now, max(0, token_gap), max(0, request_gap))
+            self._log.add(self._others)
 
     def hold(self, wait_s: float) -> None:
         """Admit nothing for `wait_s` seconds (counted in ``paused_s``), the budget unchanged."""
@@ -373,13 +401,20 @@ class Limits:
         entry that leaves the window in 10 s unless the next answer replaces it with a fresh figure (so it
         does not leave all at once while they keep sending). OTHERS_MARGIN_SHARE of the window is kept
         free of ours on top while others use it: they send between our answers, and a full window has no
-        room for that (see bench/pool.py, the shared case).
+        room for that (see bench/pool.py, the shared case). Ours that the server has let go and our log
+        still keeps (the window's slack) are not ours in its figure: counted as ours, they would hide as
+        much of others' use, and be counted free a second time when they leave our log.
         """
         now = self._loop.time()
         self._log.expire(now)
         others = self._others if self._others is not None and self._others.in_window else None
         own_tokens = self._log.tokens - (others.tokens if others else 0)
         own_requests = self._log.requests - (others.requests if others else 0)
+        for entry in self._log.entries:  # oldest first: ours in the slack, which the server no longer counts
+            if entry.at > now - WINDOW_S:
+                break
+            if entry is not others:
+                own_tokens, own_requests = own_tokens - entry.tokens, own_requests - entry.requests
         unseen_tokens = _unseen(
             headers.get("x-ratelimit-remaining-tokens"), self.tokens_per_minute, own_tokens
         )

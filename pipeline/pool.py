@@ -213,7 +213,7 @@ class Pool:
                     attempts=sent,
                     endpoint=member.name,
                 )
-            is_lost = self._judge(member, tried)
+            is_lost = self._judge(member, tried, plan.reserve_tokens)
             if not is_lost or sent - counted > cfg.max_attempts * len(self.members):
                 counted += 1
             if counted >= cfg.max_attempts:
@@ -231,9 +231,9 @@ class Pool:
                 with contextlib.suppress(TimeoutError):  # a stop cuts the wait short; routing then says so
                     await asyncio.wait_for(self._stopping.wait(), wait_s)
 
-    def _judge(self, member: Member, tried: Tried) -> bool:
-        """Book a retryable outcome against its endpoint; True when the attempt was lost to an endpoint that
-        is (now) out of service, so it does not count toward the row's attempts."""
+    def _judge(self, member: Member, tried: Tried, tokens: int) -> bool:
+        """Book a retryable outcome of a request of `tokens` against its endpoint; True when the attempt was
+        lost to an endpoint that is (now) out of service, so it does not count toward the row's attempts."""
         verdict, status = tried.verdict, tried.status
         if tried.is_moved:
             return True
@@ -254,7 +254,7 @@ class Pool:
                 "429 from endpoint %r: holding it for %.2f s", member.name, wait_s,
                 extra={"event": "paused_on_429", "endpoint": member.name, "wait_s": round(wait_s, 3)},
             )  # fmt: skip
-            member.client.limits.pause(wait_s)
+            member.client.limits.pause(wait_s, tokens)
             self._note_holds()
             return False
         if status is None or status >= 500:

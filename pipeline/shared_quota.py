@@ -100,9 +100,9 @@ class QuotaKeeper:
         if reservation is not None:  # unknown: booked by a keeper before a restart
             self._get().settle(reservation, tokens)
 
-    def pause(self, wait_s: float) -> None:
-        """A worker met a 429: hold every worker for `wait_s`."""
-        self._get().pause(wait_s)
+    def pause(self, wait_s: float, tokens: int = 0) -> None:
+        """A worker met a 429 refusing a request of `tokens`: hold every worker for `wait_s`."""
+        self._get().pause(wait_s, tokens)
 
     def observe(self, headers: Mapping[str, str]) -> None:
         self._get().observe(headers)
@@ -222,9 +222,9 @@ class SharedLimits(Limits):
         if key is not None:
             self._keeper.settle.remote(key, tokens)
 
-    def pause(self, wait_s: float) -> None:
-        super().pause(wait_s)  # this worker's own view, for its counters
-        self._keeper.pause.remote(wait_s)
+    def pause(self, wait_s: float, tokens: int = 0) -> None:
+        super().pause(wait_s, tokens)  # this worker's own view, for its counters
+        self._keeper.pause.remote(wait_s, tokens)
 
     def observe(self, headers: Mapping[str, str]) -> None:
         told = {name: headers[name] for name in QUOTA_HEADERS if name in headers}

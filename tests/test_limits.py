@@ -123,6 +123,26 @@ async def test_after_a_short_429_hold_the_whole_budget_is_used_again():
     assert after >= 10_000 * 0.95
 
 
+async def test_after_a_short_429_the_retry_goes_and_the_rest_wait_for_fresh_headers():
+    """A 429 while our view had room says others fill the window: when the hold ends, one request goes at
+    once (the hold is exactly what was asked) and the rest wait for an answer's headers, instead of all
+    going at once into the same full window."""
+    limits = Limits(tokens_per_minute=60_000, requests_per_minute=36_000)
+    loop = asyncio.get_running_loop()
+    await limits.acquire(10)
+
+    limits.pause(0.2, 10)
+    refused_at = loop.time()
+    waiting = [asyncio.create_task(limits.acquire(10)) for _ in range(4)]
+    await asyncio.sleep(1.0)
+
+    assert sum(w.done() for w in waiting) == 1
+    assert waiting[0].result().at - refused_at == pytest.approx(0.2, rel=0.05)
+    limits.observe({"x-ratelimit-remaining-tokens": "60000", "x-ratelimit-remaining-requests": "36000"})
+    await asyncio.sleep(0.1)
+    assert all(w.done() for w in waiting)
+
+
 async def test_after_a_pause_sends_resume_at_the_quotas_rate_not_in_a_burst():
     limits = Limits(tokens_per_minute=60_000, requests_per_minute=360)
 
@@ -183,6 +203,19 @@ async def test_remaining_figures_that_match_our_own_book_nothing():
     await limits.acquire(5_000)
 
     assert loop.time() - before < 6  # only the start-up ramp's pace: 4000 tokens in 4 s
+
+
+async def test_ours_the_server_no_longer_counts_are_not_taken_for_room_others_left():
+    """Our log keeps a request a little longer than the server (the window's slack). An answer's figures
+    in that moment count it no more: what the server counts beyond the rest of ours is others' use."""
+    limits = Limits(tokens_per_minute=60_000, requests_per_minute=360)
+    await limits.acquire(3_000)
+    await asyncio.sleep(WINDOW_S + 0.02)  # gone from the server's window, still in ours
+
+    limits.observe({"x-ratelimit-remaining-tokens": str(60_000 - 6 * 4_000)})  # others: 4000 of 10000
+    await asyncio.sleep(1)  # ours has left our log too
+
+    assert limits.room <= 1 - 4_000 / 10_000
 
 
 async def test_a_request_cancelled_while_waiting_does_not_hold_up_the_next():
