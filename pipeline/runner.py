@@ -151,7 +151,7 @@ async def _run_locked(
             await asyncio.to_thread(journal.close, is_all_committed=sink.buffered_rows == 0)
     await encoding_ready  # done by now; a failure to build it is not left unseen
     if stages.stop_code == EXIT_BUDGET:
-        left = await asyncio.to_thread(_rows_left, cfg, options)
+        left = await asyncio.to_thread(rows_left, cfg, options)
         stages.stopped_because = (
             f"budget reached: spent ${budget.spent_usd:.4f} of ${cfg.limits.max_cost_usd:.4f}; "
             f"{left} rows left for the next run"
@@ -234,7 +234,7 @@ async def open_run_output(
     return recovered, resume
 
 
-def _rows_left(cfg: RunConfig, options: RunOptions) -> int:
+def rows_left(cfg: RunConfig, options: RunOptions) -> int:
     """Manifest rows not committed in the output (each id once), for the budget's stop message. Blocking."""
     committed = checkpoint.committed_ids(options.output)
     seen: set[str] = set()

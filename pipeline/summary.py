@@ -39,6 +39,11 @@ class RunSummary:
     max_cost_usd: float | None = None  # the spend cap, when one was set
     recovered_rows: int = 0  # rows a killed run had paid for, committed from its journal before this run
     recovered_cost_usd: float = 0.0  # their cost: spent by that run, not counted against this run's cap
+    # batch mode: the part of spend_usd billed for lines an earlier run submitted and this run collected
+    spend_of_earlier_runs_usd: float | None = None
+    held_usd: float | None = (
+        None  # batch mode: worst cases of lines still in live jobs at the end (--no-wait)
+    )
 
     @property
     def rows(self) -> int:
