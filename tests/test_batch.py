@@ -462,6 +462,20 @@ async def test_jobs_an_earlier_run_left_running_count_against_the_cap_of_the_run
     assert set(emu.batches.stats.billed.values()) == {1}
 
 
+async def test_the_estimate_of_a_capped_batch_config_fits_rows_at_the_batch_price(tmp_path, batch_emulator):
+    manifest, cap = manifest_of(tmp_path, 8), 0.0045
+    live = batch_config(batch_emulator, endpoint={"mode": "live"}, limits={"max_cost_usd": cap})
+
+    in_batch = await estimate(
+        batch_config(batch_emulator, limits={"max_cost_usd": cap}), EstimateOptions(manifest)
+    )
+    in_live = await estimate(live, EstimateOptions(manifest))
+
+    assert in_batch.cap is not None and in_live.cap is not None
+    assert in_batch.cap.rows_within_at_most == 2 and in_live.cap.rows_within_at_most == 1
+    assert in_batch.cap.rows_within_expected > in_live.cap.rows_within_expected
+
+
 @pytest.mark.parametrize(
     ("model", "flag", "says"),
     [("gpt-4o", "0", "--max-cost"), ("gpt-4o", "-1", "--max-cost"), ("llava-1.5", "5", "prices.toml")],
