@@ -151,16 +151,7 @@ async def _run_locked(
             await asyncio.to_thread(journal.close, is_all_committed=sink.buffered_rows == 0)
     await encoding_ready  # done by now; a failure to build it is not left unseen
     if stages.stop_code == EXIT_BUDGET:
-        left = await asyncio.to_thread(rows_left, cfg, options)
-        stages.stopped_because = (
-            f"budget reached: spent ${budget.spent_usd:.4f} of ${cfg.limits.max_cost_usd:.4f}; "
-            f"{left} rows left for the next run"
-        )
-        log.warning(
-            "run stopped: %s",
-            stages.stopped_because,
-            extra={"event": "run_stopped", "exit_code": EXIT_BUDGET},
-        )
+        stages.stopped_because = await budget_reached(cfg, options, budget.spent_usd)
     counters = client.counters()
     if resume.retrying and stages.stop_code != EXIT_OUTPUT_FAILED:
         superseded = await asyncio.to_thread(checkpoint.compact, options.output)
@@ -234,7 +225,15 @@ async def open_run_output(
     return recovered, resume
 
 
-def rows_left(cfg: RunConfig, options: RunOptions) -> int:
+async def budget_reached(cfg: RunConfig, options: RunOptions, spent_usd: float) -> str:
+    """The spend cap's stop in one line, logged: what was spent and how many rows are left (both engines)."""
+    left = await asyncio.to_thread(_rows_left, cfg, options)
+    because = f"budget reached: spent ${spent_usd:.4f} of ${cfg.limits.max_cost_usd:.4f}; {left} rows left for the next run"
+    log.warning("run stopped: %s", because, extra={"event": "run_stopped", "exit_code": EXIT_BUDGET})
+    return because
+
+
+def _rows_left(cfg: RunConfig, options: RunOptions) -> int:
     """Manifest rows not committed in the output (each id once), for the budget's stop message. Blocking."""
     committed = checkpoint.committed_ids(options.output)
     seen: set[str] = set()

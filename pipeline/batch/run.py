@@ -25,7 +25,7 @@ from pipeline.exits import EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_OK, EXIT_ROW_ERRO
 from pipeline.images import image_threads
 from pipeline.pricing import Price
 from pipeline.records import FAILED_STATUSES, STATUSES, TEXT_STATUSES, ConfigError
-from pipeline.runner import RunOptions, _start_emulator, finish_run, open_run_output, rows_left
+from pipeline.runner import RunOptions, _start_emulator, budget_reached, finish_run, open_run_output
 from pipeline.sink import Sink
 from pipeline.structured import Structured
 from pipeline.summary import RunSummary
@@ -67,16 +67,7 @@ async def run_batch(
     spend = engine.spend
     is_cap_reached = engine.is_cap_reached and not interrupted
     if is_cap_reached:
-        left = await asyncio.to_thread(rows_left, cfg, options)
-        engine.stopped_because = (
-            f"budget reached: spent ${spend.spent_usd:.4f} of ${cfg.limits.max_cost_usd:.4f}; "
-            f"{left} rows left for the next run"
-        )
-        log.warning(
-            "run stopped: %s",
-            engine.stopped_because,
-            extra={"event": "run_stopped", "exit_code": EXIT_BUDGET},
-        )
+        engine.stopped_because = await budget_reached(cfg, options, spend.spent_usd)
     exit_code = (
         EXIT_INTERRUPTED
         if interrupted
