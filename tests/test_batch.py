@@ -462,6 +462,21 @@ async def test_jobs_an_earlier_run_left_running_count_against_the_cap_of_the_run
     assert set(emu.batches.stats.billed.values()) == {1}
 
 
+async def test_a_no_wait_run_under_a_cap_submits_what_fits_and_says_what_it_holds(
+    tmp_path, batch_emulator, key_in_env
+):
+    manifest = manifest_of(tmp_path, 8)
+    cfg = batch_config(batch_emulator, limits={"max_cost_usd": 0.0045})  # two lines' worst case
+
+    summary = await run(cfg, options(tmp_path, manifest, no_wait=True))
+
+    (job,) = batch_emulator.batches.batches.values()
+    stats = json.loads((tmp_path / "out" / "_stats.json").read_text())
+    assert summary.exit_code == EXIT_OK and job["request_counts"]["total"] == 2
+    assert f"holding ${stats['held_usd']:.4f} of the spend cap" in (summary.stopped_because or "")
+    assert "did not fit the spend cap" in (summary.stopped_because or "") and stats["spend_usd"] == 0
+
+
 async def test_the_estimate_of_a_capped_batch_config_fits_rows_at_the_batch_price(tmp_path, batch_emulator):
     manifest, cap = manifest_of(tmp_path, 8), 0.0045
     live = batch_config(batch_emulator, endpoint={"mode": "live"}, limits={"max_cost_usd": cap})

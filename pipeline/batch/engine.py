@@ -132,25 +132,27 @@ class BatchEngine:
                 self.submissions.update(row.task.row_id for row in packed.rows)
                 await self.upload(packed)
                 await self.create_waiting()  # its job starts while the next file uploads
+            state = self.ledger.state
+            if planner.is_cap_full and not files and not (state.uncollected() or state.waiting_files()):
+                self.is_cap_reached = True  # nothing fits and no job is left to make room
+                return
             if self.options.no_wait:
-                waiting = self.ledger.state.waiting_files()
-                live = self.ledger.state.uncollected()
-                held = (
-                    f" (holding ${self.spend.held_usd:.4f} of the spend cap)" if self.spend.held_usd else ""
+                waiting, live = state.waiting_files(), state.uncollected()
+                held = f", holding ${self.spend.held_usd:.4f} of the spend cap" if self.spend.held_usd else ""
+                wait = (
+                    "; rows that did not fit the spend cap wait for a later run"
+                    if planner.is_cap_full
+                    else ""
                 )
                 self.stopped_because = (
                     f"--no-wait: {len(live)} batch jobs running, {len(waiting)} files waiting for quota{held}; "
-                    "a later run collects them"
+                    f"a later run collects them{wait}"
                 )
                 log.info(
                     "submitted; %d jobs running, %d files waiting for quota: a later run collects",
                     len(self.ledger.state.uncollected()),
                     len(waiting),
                 )
-                return
-            state = self.ledger.state
-            if planner.is_cap_full and not files and not (state.uncollected() or state.waiting_files()):
-                self.is_cap_reached = True  # nothing fits and no job is left to make room
                 return
             await self.drive()
             again = self.left - self.committed - self.not_again - self.tried_out()

@@ -68,15 +68,11 @@ async def run_batch(
     is_cap_reached = engine.is_cap_reached and not interrupted
     if is_cap_reached:
         engine.stopped_because = await budget_reached(cfg, options, spend.spent_usd)
-    exit_code = (
-        EXIT_INTERRUPTED
-        if interrupted
-        else EXIT_BUDGET
-        if is_cap_reached
-        else EXIT_ROW_ERRORS
-        if is_failed
-        else EXIT_OK
-    )
+    exit_code = EXIT_ROW_ERRORS if is_failed else EXIT_OK
+    if is_cap_reached:
+        exit_code = EXIT_BUDGET  # wins over 1, as in live mode
+    if interrupted:
+        exit_code = EXIT_INTERRUPTED
     summary = RunSummary(
         output=options.output,
         run_id=resume.run_id,
