@@ -14,6 +14,7 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import click
 
@@ -110,6 +111,24 @@ def main() -> None:
     is_flag=True,
     help="Print the first request that would be sent (images shortened, no key) and exit 0; send nothing.",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: this process. ray: Ray actors sharing one quota (the optional extra; see the README).",
+)
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=2, show_default=True, help="--engine ray: workers."
+)
+@click.option(
+    "--worker-cpus",
+    type=click.FloatRange(min=0.01),
+    default=0.5,
+    show_default=True,
+    help="--engine ray: the CPU share each worker asks Ray for (1 for image-heavy runs).",
+)
+@click.option("--ray-address", help="--engine ray: a cluster's address, or auto; default: start a local Ray.")
 def run_command(
     config: Path,
     manifest: Path,
@@ -125,6 +144,10 @@ def run_command(
     max_cost: float | None,
     no_wait: bool,
     dry_run: bool,
+    engine: Literal["local", "ray"],
+    workers: int,
+    worker_cpus: float,
+    ray_address: str | None,
 ) -> None:
     """Caption every manifest row not yet in OUTPUT; a rerun resumes where the last one stopped."""
     chosen = _setup_logging(verbose, quiet, log_format)
@@ -132,7 +155,8 @@ def run_command(
         progress = chosen == "text" and not quiet and sys.stderr.isatty()
     options = RunOptions(
         manifest, output, limit=limit, retry_failed=retry_failed, new_run=new_run, progress=progress,
-        metrics_file=metrics_file, no_wait=no_wait,
+        metrics_file=metrics_file, no_wait=no_wait, engine=engine, workers=workers, worker_cpus=worker_cpus,
+        ray_address=ray_address,
     )  # fmt: skip
     with _exit_on_errors(f"use the output {output}"):
         cfg = load_config(config)

@@ -54,9 +54,12 @@ class Recovered:
 class Journal:
     """The journal of one run: append rows, rotate segments as parts are written, drop what is committed."""
 
-    def __init__(self, output: Path, run_id: str, typed_columns: Sequence[pa.Field] = ()) -> None:
+    def __init__(
+        self, output: Path, run_id: str, typed_columns: Sequence[pa.Field] = (), name: str | None = None
+    ) -> None:
         self.folder = output / JOURNAL_DIR
         self.run_id = run_id
+        self.name = name or run_id  # segments are <name>-NNNNN.jsonl: a Ray worker's name its block's own
         self._header: dict[str, str] | None = None
         if typed_columns:
             encoded = base64.b64encode(pa.schema(list(typed_columns)).serialize().to_pybytes()).decode()
@@ -69,7 +72,7 @@ class Journal:
 
     @property
     def path(self) -> Path:
-        return self.folder / f"{self.run_id}-{self._segment:05d}.jsonl"
+        return self.folder / f"{self.name}-{self._segment:05d}.jsonl"
 
     def append(self, row: Mapping[str, Any]) -> None:
         """Write one output row; it has reached the kernel when this returns. Blocking, but short: one write."""
@@ -136,9 +139,12 @@ def pending_rows(output: Path) -> tuple[list[dict[str, Any]], int]:
     return rows, torn
 
 
-def _pending(output: Path) -> tuple[list[dict[str, Any]], dict[str, list[pa.Field]], int]:
-    """What pending_rows says, and the typed columns of each run that has some."""
-    segments = sorted((output / JOURNAL_DIR).glob("*.jsonl"))
+def _pending(
+    output: Path, pattern: str = "*.jsonl"
+) -> tuple[list[dict[str, Any]], dict[str, list[pa.Field]], int]:
+    """What pending_rows says (of the segments matching `pattern`), and the typed columns of each run that
+    has some."""
+    segments = sorted((output / JOURNAL_DIR).glob(pattern))
     typed: dict[str, list[pa.Field]] = {}
     if not segments:
         return [], typed, 0
@@ -165,13 +171,14 @@ def _pending(output: Path) -> tuple[list[dict[str, Any]], dict[str, list[pa.Fiel
     return list(rows.values()), typed, torn
 
 
-def recover(output: Path) -> Recovered:
+def recover(output: Path, pattern: str = "*.jsonl") -> Recovered:
     """Commit the rows a killed run journalled but never committed, then remove the journal. Blocking.
 
     Each run's rows go into a part named after that run (``part-<run_id>-j00001.parquet``), so they sort
-    with the parts it did commit.
+    with the parts it did commit. `pattern`: only the segments it matches (a dead Ray worker's), the rest
+    of the journal stays.
     """
-    rows, typed, torn = _pending(output)
+    rows, typed, torn = _pending(output, pattern)
     if torn:
         log.warning(
             "journal: %d record(s) cut short by the kill are skipped; their rows will be sent again", torn
@@ -189,9 +196,10 @@ def recover(output: Path) -> Recovered:
         log.info(
             "committed %d rows that run %s had been answered for, from its journal", len(run_rows), run_id
         )
-    for segment in sorted((output / JOURNAL_DIR).glob("*.jsonl")):
+    for segment in sorted((output / JOURNAL_DIR).glob(pattern)):
         segment.unlink()
-    _remove_if_empty(output / JOURNAL_DIR)
+    if pattern == "*.jsonl":  # a dead Ray worker's segments: live ones may be opening theirs in the folder
+        _remove_if_empty(output / JOURNAL_DIR)
     cost = sum(float(row.get("cost_usd") or 0.0) for row in rows)
     return Recovered(len(rows), round(cost, 6), torn)
 

@@ -251,6 +251,19 @@ class Limits:
         if self._waiting:
             self._admit()  # a smaller bill may make room now
 
+    def move(self, reservation: Reservation, at: float) -> None:
+        """Count `reservation` from `at` (loop time), when it is later than its booking: the request left
+        after its admission by more than the same process would take (a Ray worker's, shared_quota.py)."""
+        entries = self._log.entries
+        if at <= reservation.at or reservation not in entries:
+            return
+        entries.remove(reservation)
+        reservation.at = at
+        index = len(entries)
+        while index > 0 and entries[index - 1].at > at:  # the log stays in order of time: expiry reads it so
+            index -= 1
+        entries.insert(index, reservation)
+
     def pause(self, wait_s: float) -> None:
         """A 429: stop every worker for `wait_s` seconds, then resume gradually at a reduced budget."""
         if self._closed:

@@ -16,11 +16,10 @@ import logging
 import random
 import signal
 import time
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
+from typing import Literal
 
 import aiohttp
 
@@ -32,22 +31,19 @@ from pipeline.config import RunConfig, api_key
 from pipeline.exits import (
     EXIT_BUDGET,
     EXIT_INTERRUPTED,
-    EXIT_OK,
     EXIT_OUTPUT_FAILED,
     EXIT_REFUSED,
-    EXIT_ROW_ERRORS,
     EXIT_USAGE,
 )
 from pipeline.idset import IdSet
 from pipeline.images import image_threads, reuse_freed_image_memory
 from pipeline.journal import JOURNAL_DIR, Journal, Recovered, recover
 from pipeline.limits import Limits
-from pipeline.manifest import Skipped, count_rows, manifest_base_dir, manifest_columns, read_manifest
+from pipeline.manifest import count_rows, manifest_base_dir, manifest_columns
 from pipeline.metrics import publish_metrics
 from pipeline.pricing import Price, price_for_run
 from pipeline.progress import show_progress
 from pipeline.records import (
-    FAILED_STATUSES,
     STATUSES,
     TEXT_STATUSES,
     BudgetReached,
@@ -60,14 +56,14 @@ from pipeline.records import (
     VisionResult,
 )
 from pipeline.results import manifest_failure
+from pipeline.run_rows import budget_reached, rows_to_send
 from pipeline.sink import STATS_FILE, Sink, write_json_atomic
 from pipeline.structured import Structured, check_manifest_columns, load_structured
-from pipeline.summary import RunSummary, Tally, latency_percentiles, summary_as_dict
+from pipeline.summary import Outcome, RunSummary, Tally, latency_percentiles, summary_as_dict
 from pipeline.tokens import load_encoding
 
 log = logging.getLogger(__name__)
 
-MANIFEST_BATCH_ROWS = 256  # rows read per thread hop
 QUEUE_ROWS_PER_WORKER = 2
 
 
@@ -82,6 +78,10 @@ class RunOptions:
     progress: bool = False  # draw the live progress display on stderr (progress.py)
     metrics_file: Path | None = None  # keep this Prometheus textfile up to date (metrics.py)
     no_wait: bool = False  # batch mode: submit the jobs and return; a later run collects them
+    engine: Literal["local", "ray"] = "local"  # ray: the captioner in Ray actors (ray_run.py)
+    workers: int = 2  # --engine ray: CaptionWorker actors
+    worker_cpus: float = 0.5  # --engine ray: the CPU share each worker asks Ray for
+    ray_address: str | None = None  # --engine ray: a cluster ("auto": this machine's); None: a local Ray
 
 
 async def run(cfg: RunConfig, options: RunOptions) -> RunSummary:
@@ -94,6 +94,14 @@ async def run(cfg: RunConfig, options: RunOptions) -> RunSummary:
     if structured is not None:
         check_manifest_columns(structured, manifest_columns(options.manifest), cfg.source)
     key = api_key(cfg)  # a missing key stops us before the output is touched
+    if options.engine == "ray":
+        if cfg.endpoint.mode == "batch":
+            raise ConfigError(
+                f"{cfg.source}: endpoint.mode = 'batch' runs no workers; --engine ray is for live mode"
+            )
+        from pipeline.ray_cluster import import_ray
+
+        import_ray()  # so does a missing Ray extra
     # a spend cap needs a price: without one the run stops here, naming the file to edit
     price = price_for_run(cfg) if cfg.limits.max_cost_usd is not None else _price_or_none(cfg)
     with checkpoint.output_lock(options.output):
@@ -129,30 +137,18 @@ async def _run_locked(
     async with contextlib.AsyncExitStack() as stack:
         if cfg.endpoint.provider == "emulator":
             cfg = await _start_emulator(cfg, key, stack)
-        limits = Limits(cfg.limits.tokens_per_minute, cfg.requests_per_minute)
-        connector = aiohttp.TCPConnector(limit=cfg.limits.concurrency)
-        session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
-        budget = Budget(cfg.limits.max_cost_usd, price)
-        client = Client(session, endpoint_for(cfg.endpoint, key), limits, cfg.limits, random.Random(), budget)
-        reuse_freed_image_memory()
-        image_pool = ThreadPoolExecutor(image_threads(cfg.images), thread_name_prefix="images")
-        stack.callback(image_pool.shutdown, wait=True, cancel_futures=True)
-        base_dir = manifest_base_dir(options.manifest)
-        captioner = Captioner(
-            cfg, client, base_dir=base_dir, image_pool=image_pool, price=price, structured=structured
-        )
-        typed = () if structured is None else structured.columns
-        journal = Journal(options.output, run_id, typed)
-        sink = Sink(options.output, cfg.output, run_id, journal=journal, typed_columns=typed)
-        stages = _Stages(cfg, options, captioner, budget, sink, resume.skip, encoding_ready)
-        try:
-            await stages.run()
-        finally:  # rows still buffered (the output could not be written) stay journalled for the next run
-            await asyncio.to_thread(journal.close, is_all_committed=sink.buffered_rows == 0)
+        if options.engine == "ray":
+            from pipeline.ray_run import caption_on_ray  # the optional extra: imported when asked for
+
+            stages = await caption_on_ray(cfg, options, run_id, key, resume.skip, price)
+        else:
+            stages = await _caption_locally(
+                cfg, options, (key, price, structured), resume.skip, run_id, stack, encoding_ready
+            )
     await encoding_ready  # done by now; a failure to build it is not left unseen
     if stages.stop_code == EXIT_BUDGET:
-        stages.stopped_because = await budget_reached(cfg, options, budget.spent_usd)
-    counters = client.counters()
+        stages.stopped_because = await budget_reached(cfg, options.manifest, options.output, stages.spent_usd)
+    counters = stages.counters
     if resume.retrying and stages.stop_code != EXIT_OUTPUT_FAILED:
         superseded = await asyncio.to_thread(checkpoint.compact, options.output)
         log.info("retried rows replaced %d earlier error rows", superseded)
@@ -166,7 +162,7 @@ async def _run_locked(
         duplicates=tally.duplicates,
         prompt_tokens=tally.prompt_tokens,
         completion_tokens=tally.completion_tokens,
-        cost_usd=round(tally.cost_usd, 6) if captioner.price else None,
+        cost_usd=round(tally.cost_usd, 6) if price else None,
         retries=tally.retries,
         pauses=counters.pauses,
         paused_s=round(counters.paused_s, 3),
@@ -177,7 +173,7 @@ async def _run_locked(
         http_429s=counters.http_429s,
         retries_by_cause=dict(sorted(counters.retries_by_cause.items())),
         latency_percentiles_s=latency_percentiles(tally.latencies_s),
-        spend_usd=round(budget.spent_usd, 6) if price else None,
+        spend_usd=round(stages.spent_usd, 6) if price else None,
         recovered_rows=recovered.rows,
         recovered_cost_usd=recovered.cost_usd,
         max_cost_usd=cfg.limits.max_cost_usd,
@@ -225,22 +221,40 @@ async def open_run_output(
     return recovered, resume
 
 
-async def budget_reached(cfg: RunConfig, options: RunOptions, spent_usd: float) -> str:
-    """The spend cap's stop in one line, logged: what was spent and how many rows are left (both engines)."""
-    left = await asyncio.to_thread(_rows_left, cfg, options)
-    because = f"budget reached: spent ${spent_usd:.4f} of ${cfg.limits.max_cost_usd:.4f}; {left} rows left for the next run"
-    log.warning("run stopped: %s", because, extra={"event": "run_stopped", "exit_code": EXIT_BUDGET})
-    return because
-
-
-def _rows_left(cfg: RunConfig, options: RunOptions) -> int:
-    """Manifest rows not committed in the output (each id once), for the budget's stop message. Blocking."""
-    committed = checkpoint.committed_ids(options.output)
-    seen: set[str] = set()
-    for item in read_manifest(options.manifest, cfg.request, committed, group_skipped=True):
-        if not isinstance(item, Skipped):
-            seen.add(item.row_id)
-    return len(seen)
+async def _caption_locally(
+    cfg: RunConfig,
+    options: RunOptions,
+    request: tuple[str | None, Price | None, Structured | None],  # the key, the price, the answer format
+    skip: IdSet,
+    run_id: str,
+    stack: contextlib.AsyncExitStack,
+    encoding_ready: asyncio.Future[None],
+) -> Outcome:
+    """The local engine: the captioner in this process's loop (see the module docstring)."""
+    key, price, structured = request
+    limits = Limits(cfg.limits.tokens_per_minute, cfg.requests_per_minute)
+    connector = aiohttp.TCPConnector(limit=cfg.limits.concurrency)
+    session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
+    budget = Budget(cfg.limits.max_cost_usd, price)
+    client = Client(session, endpoint_for(cfg.endpoint, key), limits, cfg.limits, random.Random(), budget)
+    reuse_freed_image_memory()
+    image_pool = ThreadPoolExecutor(image_threads(cfg.images), thread_name_prefix="images")
+    stack.callback(image_pool.shutdown, wait=True, cancel_futures=True)
+    base_dir = manifest_base_dir(options.manifest)
+    captioner = Captioner(
+        cfg, client, base_dir=base_dir, image_pool=image_pool, price=price, structured=structured
+    )
+    typed = () if structured is None else structured.columns
+    journal = Journal(options.output, run_id, typed)
+    sink = Sink(options.output, cfg.output, run_id, journal=journal, typed_columns=typed)
+    stages = _Stages(cfg, options, captioner, budget, sink, skip, encoding_ready)
+    try:
+        await stages.run()
+    finally:  # rows still buffered (the output could not be written) stay journalled for the next run
+        await asyncio.to_thread(journal.close, is_all_committed=sink.buffered_rows == 0)
+    return Outcome(
+        stages.tally, client.counters(), budget.spent_usd, stages.stop_code, stages.stopped_because
+    )
 
 
 def _price_or_none(cfg: RunConfig) -> Price | None:
@@ -301,12 +315,6 @@ class _Stages:
         self.stop_code: int | None = None
         self.started = asyncio.get_running_loop().time()
         self.rows_total: int | None = None  # counted in a thread for the progress display
-
-    def exit_code(self) -> int:
-        if self.stop_code is not None:
-            return self.stop_code
-        is_failed = any(self.tally.counts[status] for status in FAILED_STATUSES)
-        return EXIT_ROW_ERRORS if is_failed else EXIT_OK
 
     def on_budget_reached(self) -> None:
         """The spend cap has no room for the next row: read and send nothing more; what is on the wire
@@ -451,20 +459,13 @@ class _Stages:
 
     async def produce(self) -> None:
         """Queue each manifest row that is neither committed nor a duplicate; then one stop per worker."""
-        limit = self.options.limit
-        async for item in _stream_manifest(self.options.manifest, self.cfg, self.prior):
-            if self.stopping.is_set() or (limit is not None and len(self.taken) >= limit):
+        rows = rows_to_send(
+            self.options.manifest, self.options.limit, self.cfg, self.prior, self.tally, self.taken
+        )
+        async for item in rows:
+            if self.stopping.is_set():
                 break
-            if isinstance(item, Skipped):  # the reader looked every id up in self.prior
-                self.tally.skipped += item.rows
-                continue
-            if item.row_id in self.taken:
-                self.tally.duplicates += 1
-                log.warning("row %r: duplicate id again at manifest line %d, ignored", item.row_id, item.line)
-                continue
-            self.taken.add(item.row_id)
             if isinstance(item, ManifestError):
-                log.warning("%s", item)
                 await self.commit(manifest_failure(item, self.cfg))
             else:
                 await self.encoding_ready  # counting tokens in a worker would otherwise block the loop
@@ -484,13 +485,3 @@ class _Stages:
                 self.on_budget_reached()
                 continue  # not sent: the row stays uncommitted for the next run
             await self.commit(result)
-
-
-async def _stream_manifest(
-    path: Path, cfg: RunConfig, skip: IdSet
-) -> AsyncIterator[ImageTask | ManifestError | Skipped]:
-    """The manifest's rows, read in a thread a batch at a time so the loop never waits on the disk."""
-    rows = read_manifest(path, cfg.request, skip, group_skipped=True)
-    while batch := await asyncio.to_thread(lambda: list(islice(rows, MANIFEST_BATCH_ROWS))):
-        for item in batch:
-            yield item

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -171,6 +172,36 @@ def write_part(output: Path, name: str, table: pa.Table) -> Path:
     except BaseException:
         part.discard()
         raise
+
+
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK})
+
+
+def write_new_part(output: Path, name: str, table: pa.Table) -> Path:
+    """Commit `table` as part file `name`, which must not exist: temp file, fsync, hard link to `name` (an
+    existing part is never replaced: FileExistsError), unlink the temp, fsync the folder. Blocking.
+
+    For writers that share an output (Ray workers): a name taken twice fails instead of losing a part.
+    """
+    final = output / name
+    temp = final.with_name(f"{TEMP_PREFIX}{name}")
+    try:
+        with open(temp, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(temp, final)  # the commit; unlike a rename, it fails when the name is taken
+        except OSError as err:
+            if err.errno not in _NO_HARD_LINKS:
+                raise
+            if final.exists():  # a filesystem without hard links: check, then rename (names are unique)
+                raise FileExistsError(errno.EEXIST, "part exists", str(final)) from None
+            os.replace(temp, final)
+    finally:
+        temp.unlink(missing_ok=True)
+    fsync_dir(output)
+    return final
 
 
 class _Columns:

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.records import VisionResult
+from pipeline.exits import EXIT_OK, EXIT_ROW_ERRORS
+from pipeline.records import FAILED_STATUSES, TransportCounters, VisionResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,3 +96,20 @@ def latency_percentiles(latencies_s: Sequence[float]) -> dict[str, float]:
 def summary_as_dict(summary: RunSummary) -> dict[str, object]:
     """The summary as ``_stats.json`` holds it (and ``run --log-format json`` prints it)."""
     return {**dataclasses.asdict(summary), "output": str(summary.output), "rows": summary.rows}
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How an engine's run ended: what the summary needs of it."""
+
+    tally: Tally
+    counters: TransportCounters
+    spent_usd: float
+    stop_code: int | None
+    stopped_because: str | None
+
+    def exit_code(self) -> int:
+        if self.stop_code is not None:
+            return self.stop_code
+        is_failed = any(self.tally.counts[status] for status in FAILED_STATUSES)
+        return EXIT_ROW_ERRORS if is_failed else EXIT_OK

@@ -7,7 +7,16 @@ import pytest
 
 from pipeline.config import OutputConfig
 from pipeline.records import CategoryFilter, FilterResult, ImageTask, Usage, VisionResult
-from pipeline.sink import SCHEMA, ParquetFileWriter, Sink, part_files, read_output
+from pipeline.sink import (
+    SCHEMA,
+    ParquetFileWriter,
+    Sink,
+    part_files,
+    read_output,
+    rows_to_table,
+    schema_with_extras,
+    write_new_part,
+)
 
 
 def result(row_id: str, **extra: str) -> VisionResult:
@@ -130,6 +139,19 @@ def test_a_discarded_file_leaves_nothing_behind(tmp_path):
     writer.discard()
 
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_new_part_never_replaces_an_existing_one(tmp_path):
+    """Ray workers share an output: a part name taken twice fails rather than losing the first part's rows."""
+    first = rows_to_table([{"id": "a", "status": "ok"}], schema_with_extras([]))
+    second = rows_to_table([{"id": "b", "status": "ok"}], schema_with_extras([]))
+    write_new_part(tmp_path, "part-x.parquet", first)
+
+    with pytest.raises(FileExistsError):
+        write_new_part(tmp_path, "part-x.parquet", second)
+
+    assert read_output(tmp_path).column("id").to_pylist() == ["a"]
+    assert [p.name for p in tmp_path.iterdir()] == ["part-x.parquet"]  # no temp file left behind
 
 
 async def test_rows_of_a_part_that_could_not_be_written_are_committed_by_the_next_flush(

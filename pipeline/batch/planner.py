@@ -27,7 +27,8 @@ from pipeline.manifest import Skipped, manifest_base_dir
 from pipeline.records import ConfigError, ErrorKind, ImageTask, ManifestError, RowError, VisionResult
 from pipeline.request import plan_request
 from pipeline.results import failed_result, manifest_failure
-from pipeline.runner import RunOptions, _stream_manifest
+from pipeline.run_rows import stream_manifest
+from pipeline.runner import RunOptions
 from pipeline.structured import Structured
 from pipeline.summary import Tally
 
@@ -87,7 +88,7 @@ class Planner:
 
         async def produce() -> None:
             limit = self.options.limit
-            async for item in _stream_manifest(self.options.manifest, self.cfg, self.prior):
+            async for item in stream_manifest(self.options.manifest, self.cfg, self.prior):
                 if (limit is not None and len(taken) >= limit) or self.is_cap_full:
                     break
                 if isinstance(item, Skipped):  # committed by an earlier run: "already done"

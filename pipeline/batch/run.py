@@ -25,7 +25,8 @@ from pipeline.exits import EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_OK, EXIT_ROW_ERRO
 from pipeline.images import image_threads
 from pipeline.pricing import Price
 from pipeline.records import FAILED_STATUSES, STATUSES, TEXT_STATUSES, ConfigError
-from pipeline.runner import RunOptions, _start_emulator, budget_reached, finish_run, open_run_output
+from pipeline.run_rows import budget_reached
+from pipeline.runner import RunOptions, _start_emulator, finish_run, open_run_output
 from pipeline.sink import Sink
 from pipeline.structured import Structured
 from pipeline.summary import RunSummary
@@ -67,7 +68,7 @@ async def run_batch(
     spend = engine.spend
     is_cap_reached = engine.is_cap_reached and not interrupted
     if is_cap_reached:
-        engine.stopped_because = await budget_reached(cfg, options, spend.spent_usd)
+        engine.stopped_because = await budget_reached(cfg, options.manifest, options.output, spend.spent_usd)
     exit_code = EXIT_ROW_ERRORS if is_failed else EXIT_OK
     if is_cap_reached:
         exit_code = EXIT_BUDGET  # wins over 1, as in live mode
