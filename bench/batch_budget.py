@@ -30,7 +30,6 @@ import asyncio
 import json
 import random
 import shutil
-import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -42,10 +41,12 @@ from budget import (  # bench/budget.py: the live spend-cap benchmark's manifest
     KEY_ENV,
     MAX_TOKENS_CHOICES,
     Setup,
+    bench,
     cost_usd,
     make_images,
     make_rows,
     run_cli,
+    spread,
     worst_cases,
     write_manifest,
 )
@@ -181,10 +182,6 @@ def format_run(f: RunFigures) -> str:
     )
 
 
-def spread(values: Sequence[float], form: str) -> str:
-    return f"min {min(values):{form}}, median {statistics.median(values):{form}}, max {max(values):{form}}"
-
-
 def format_summary(runs: Sequence[RunFigures], seed: int) -> tuple[str, bool]:
     n = len(runs)
     over = [f for f in runs if f.is_over_cap]
@@ -208,16 +205,6 @@ def format_summary(runs: Sequence[RunFigures], seed: int) -> tuple[str, bool]:
     return "\n".join(lines), is_ok
 
 
-async def bench(runs: int, setup: Setup) -> list[RunFigures]:
-    rng = random.Random(f"batch-runs-{setup.seed}")
-    figures = []
-    for number in range(1, runs + 1):
-        f = await one_run(number, rng, setup)
-        figures.append(f)
-        print(format_run(f), flush=True)
-    return figures
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=20)
@@ -233,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     images = make_images(args.workdir, random.Random(f"images-{args.seed}"))
     with open(args.workdir / "runs.log", "ab") as log:
         setup = Setup(args.seed, args.filter_share, args.workdir, price, images, log)
-        figures = asyncio.run(bench(args.runs, setup))
+        figures = asyncio.run(bench(args.runs, setup, one_run, format_run, "batch-runs"))
     summary, is_ok = format_summary(figures, args.seed)
     print(summary)
     print(f"(runs' stderr: {args.workdir / 'runs.log'})")
