@@ -288,6 +288,8 @@ def summarize(
         )
     latency_s = observed.mean_latency_s if observed else None
     live = costs(tally.prompt_tokens, rows, max_tokens, expected, price, batch=False)
+    batch = costs(tally.prompt_tokens, rows, max_tokens, expected, price, batch=True)
+    spent_as = batch if cfg.endpoint.mode == "batch" else live  # what the run's spend cap counts
     return Estimate(
         manifest,
         cfg.source,
@@ -299,10 +301,10 @@ def summarize(
         assumption,
         price,
         live,
-        costs(tally.prompt_tokens, rows, max_tokens, expected, price, batch=True),
+        batch,
         plan_duration(rows, tally.prompt_tokens, cfg, window_h=window_h, latency_s=latency_s),
         observed,
-        None if cfg.limits.max_cost_usd is None else fit_cap(cfg.limits.max_cost_usd, rows, live),
+        None if cfg.limits.max_cost_usd is None else fit_cap(cfg.limits.max_cost_usd, rows, spent_as),
         cfg.endpoint.mode,
     )
 

@@ -54,7 +54,7 @@ from pipeline.records import (
     VisionResult,
 )
 from pipeline.results import manifest_failure
-from pipeline.run_rows import rows_left, rows_to_send
+from pipeline.run_rows import budget_reached, rows_to_send
 from pipeline.sink import STATS_FILE, Sink, write_json_atomic
 from pipeline.structured import Structured, check_manifest_columns, load_structured
 from pipeline.summary import (
@@ -163,16 +163,7 @@ async def _run_locked(
             )
     await encoding_ready  # done by now; a failure to build it is not left unseen
     if stages.stop_code == EXIT_BUDGET:
-        left = await asyncio.to_thread(rows_left, cfg, options.manifest, options.output)
-        stages.stopped_because = (
-            f"budget reached: spent ${stages.spent_usd:.4f} of ${cfg.limits.max_cost_usd:.4f}; "
-            f"{left} rows left for the next run"
-        )
-        log.warning(
-            "run stopped: %s",
-            stages.stopped_because,
-            extra={"event": "run_stopped", "exit_code": EXIT_BUDGET},
-        )
+        stages.stopped_because = await budget_reached(cfg, options.manifest, options.output, stages.spent_usd)
     counters = stages.counters
     if resume.retrying and stages.stop_code != EXIT_OUTPUT_FAILED:
         superseded = await asyncio.to_thread(checkpoint.compact, options.output)

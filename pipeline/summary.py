@@ -42,6 +42,11 @@ class RunSummary:
     recovered_cost_usd: float = 0.0  # their cost: spent by that run, not counted against this run's cap
     # per endpoint name: requests, charged tokens and tokens/min against its quota, 429s, held time, trips
     endpoints: dict[str, dict[str, object]] = field(default_factory=dict)
+    # batch mode: the part of spend_usd billed for lines an earlier run submitted and this run collected
+    spend_of_earlier_runs_usd: float | None = None
+    held_usd: float | None = (
+        None  # batch mode: worst cases of lines still in live jobs at the end (--no-wait)
+    )
 
     @property
     def rows(self) -> int:
