@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RAY_STAMP := $(VENV)/.ray-installed
 
-.PHONY: demo ray-demo test lint bench bench-quota bench-resume bench-progress bench-overhead bench-estimate bench-images bench-budget bench-batch bench-ray chaos sample-data clean
+.PHONY: demo ray-demo test lint bench bench-pool bench-quota bench-resume bench-progress bench-overhead bench-estimate bench-images bench-budget bench-batch bench-batch-budget bench-ray chaos sample-data clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -80,11 +80,22 @@ bench-images: $(STAMP)
 bench-budget: $(STAMP)
 	$(BIN)/python bench/budget.py
 
+# ~14 minutes: an endpoint pool of three quota-mode emulators (TPM 20k/40k/60k, 0.5 s latency), 3 minutes
+# each: steady state against each quota's 10-s ceiling, one emulator SIGKILLed after 60 s, one answering
+# 429 retry-after-ms 30000 for a minute, then one quota shared with a second client sending 30 % of it.
+bench-pool: $(STAMP)
+	$(BIN)/python bench/pool.py
+
 # ~20-30 minutes on 2 cores: 20,000 rows of 1600×1200 photos at detail high through the emulator's Batch API
 # with a 2-minute processing delay (plan + pack + upload time, file sizes, total time, cost against live),
 # then 20 SIGKILLs across upload, create, poll and collect of a 5,000-row batch run (exactly-once figures).
 bench-batch: $(STAMP)
 	$(BIN)/python bench/batch.py
+
+# ~10 minutes: 20 batch runs capped at a random $0.02–$0.30 (some jobs failing lines or expiring), manifests
+# costing more; the emulator's Batch API bill vs each cap, then a rerun with 10x the cap finishing the rest.
+bench-batch-budget: $(STAMP)
+	$(BIN)/python bench/batch_budget.py
 
 # ~15 minutes: 3 Ray workers on a local 2-CPU Ray against one emulator quota (3 min); 2,000 4000×3000 photos
 # at high detail, local engine against 2 Ray workers; 3,000 rows with one worker SIGKILLed 5 times.

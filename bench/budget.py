@@ -36,10 +36,10 @@ import shutil
 import statistics
 import sys
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pyarrow.parquet as pq
 from PIL import Image
@@ -370,14 +370,21 @@ def format_summary(runs: Sequence[RunFigures], setup: Setup) -> tuple[str, bool]
     return "\n".join(lines), is_ok
 
 
-async def bench(runs: int, setup: Setup) -> list[RunFigures]:
-    """`runs` capped runs, one after another, each printed as it ends."""
-    rng = random.Random(f"runs-{setup.seed}")
+async def bench(
+    runs: int,
+    setup: Setup,
+    run_one: Callable[[int, random.Random, Setup], Awaitable[Any]] | None = None,
+    show: Callable[[Any], str] = lambda f: format_run(f),
+    label: str = "runs",
+) -> list[Any]:
+    """`runs` capped runs, one after another, each printed as it ends (``bench/batch_budget.py`` passes its
+    own `run_one` and `show`)."""
+    rng = random.Random(f"{label}-{setup.seed}")
     figures = []
     for number in range(1, runs + 1):
-        f = await one_run(number, rng, setup)
+        f = await (run_one or one_run)(number, rng, setup)
         figures.append(f)
-        print(format_run(f), flush=True)
+        print(show(f), flush=True)
     return figures
 
 

@@ -221,13 +221,16 @@ def cli_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "pipeline"]
 
 
-def start_emulator(cfg: ChaosConfig, request_log: Path, stderr: Path) -> tuple[subprocess.Popen[str], str]:
-    """The standalone emulator on a free loopback port; returns the process and its URL."""
+def start_emulator(
+    cfg: ChaosConfig, request_log: Path, stderr: Path, extra_args: Sequence[str] = ()
+) -> tuple[subprocess.Popen[str], str]:
+    """The standalone emulator on a free loopback port (`extra_args`: more options, e.g. a quota); returns
+    the process and its URL."""
     args = [
         *cli_command(), "emulator", "--host", HOST, "--port", "0", "--api-key", EMULATOR_KEY,
         "--deployment", DEPLOYMENT,
         "--latency", str(cfg.latency_s), "--fault-rate", str(cfg.fault_rate), "--drop-rate", str(cfg.drop_rate),
-        "--seed", str(cfg.seed), "--request-log", str(request_log),
+        "--seed", str(cfg.seed), "--request-log", str(request_log), *extra_args,
     ]  # fmt: skip
     with open(stderr, "ab") as err:
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True)

@@ -13,6 +13,9 @@ When a worst case does not fit, no new attempt starts, in any worker: waiting at
 and the first goes as soon as settled answers leave room for it. When nothing is in flight and the first
 in line still does not fit, the cap is reached: every waiting attempt ends with ``BudgetReached`` and its
 row stays uncommitted for the next run.
+
+Batch mode (``batch/spend.py``) holds each line at the batch price (``batch=True``) without waiting:
+``try_hold`` takes a hold only if it fits now, and ``take`` holds what an earlier run already submitted.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import asyncio
 from collections import deque
 from dataclasses import dataclass
 
-from pipeline.pricing import Price, cost_usd, usage_cost_usd
+from pipeline.pricing import Price, cost_usd
 from pipeline.records import BudgetReached, Usage
 
 # Costs are sums of products of token counts and prices: compare with a little room for float rounding.
@@ -40,11 +43,12 @@ class Budget:
     """The run's spend cap in US dollars at `price`; ``max_cost_usd`` None means no cap (spend is still
     counted when the model has a price; without one, nothing is)."""
 
-    def __init__(self, max_cost_usd: float | None, price: Price | None) -> None:
+    def __init__(self, max_cost_usd: float | None, price: Price | None, *, batch: bool = False) -> None:
         if max_cost_usd is not None and price is None:
             raise ValueError("a spend cap needs the model's price")  # config.py and the runner check first
         self.max_cost_usd = max_cost_usd
         self.price = price
+        self.batch = batch  # worst cases and bills at the Batch API's price
         self.spent_usd = 0.0  # settled holds: billed, or kept whole when the bill cannot be known
         self.in_flight_usd = 0.0  # worst cases of the holds not yet settled
         self.is_reached = False
@@ -53,11 +57,34 @@ class Budget:
 
     def worst_case_usd(self, prompt_tokens: int, max_tokens: int) -> float:
         """The most one attempt can cost: its prompt at the input price, max_tokens at the output price."""
-        return 0.0 if self.price is None else cost_usd(prompt_tokens, max_tokens, self.price)
+        return (
+            0.0 if self.price is None else cost_usd(prompt_tokens, max_tokens, self.price, batch=self.batch)
+        )
 
     def billed_usd(self, usage: Usage) -> float:
         """What the service bills for `usage`."""
-        return 0.0 if self.price is None else usage_cost_usd(usage, self.price)
+        if self.price is None:
+            return 0.0
+        return cost_usd(usage.prompt_tokens, usage.completion_tokens, self.price, batch=self.batch)
+
+    @property
+    def is_idle(self) -> bool:
+        """Whether no hold is waiting to be settled."""
+        return self._in_flight == 0
+
+    def try_hold(self, worst_usd: float) -> Hold | None:
+        """Reserve `worst_usd` if it fits now, without waiting; None when it does not (and, when nothing
+        is in flight either, the cap is reached: ``is_reached``)."""
+        if self.is_reached:
+            return None
+        if not self._waiting and self._fits(worst_usd):
+            return self._take(worst_usd)
+        self.is_reached = self.is_idle
+        return None
+
+    def take(self, usd: float) -> Hold:
+        """Hold `usd` whether it fits or not: money an earlier decision already committed."""
+        return self._take(usd)
 
     async def hold(self, worst_usd: float) -> Hold:
         """Reserve `worst_usd` for one attempt, waiting in line while the cap has no room for it.

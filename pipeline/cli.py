@@ -29,7 +29,7 @@ from pipeline.records import ConfigError, RunAborted
 from pipeline.report import REPORT_FILE, write_report
 from pipeline.runner import RunOptions, run
 from pipeline.status import format_status, read_status
-from pipeline.summary import RunSummary, summary_as_dict
+from pipeline.summary import RunSummary, describe_endpoints, summary_as_dict
 
 EXIT_CODES_HELP = (
     "Exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_MEANINGS.items()) + "."
@@ -189,6 +189,8 @@ def format_summary(summary: RunSummary) -> str:
     ]
     if summary.max_cost_usd is not None and summary.spend_usd is not None:
         lines.insert(2, f"spend: ${summary.spend_usd:.4f} of the ${summary.max_cost_usd:.4f} cap")
+    if len(summary.endpoints) > 1:
+        lines[-1:-1] = describe_endpoints(summary.endpoints)
     if summary.stopped_because:
         lines.append(f"stopped early: {summary.stopped_because}")
     return "\n".join(lines)

@@ -1,22 +1,20 @@
-"""The live transport: sending planned requests with aiohttp, classifying answers, retrying.
+"""The live transport's endpoint: sending planned requests with aiohttp, classifying answers.
 
 The pure parts (``endpoint_for``, ``classify``, ``retry_cause``, ``retry_after_s``, ``backoff_s``) take
-values and return values, so the tests and the retry loop share them. ``Client.send`` is the one place
-that talks to the network, and the one retry loop. What a request holds is ``request.py``'s; what an
-answer means for the row is ``results.py``'s.
+values and return values, so the tests and the retry loop share them. ``Client.attempt`` is the one place
+that talks to the network; the one retry loop, and the choice among endpoints, are ``pool.py``'s. What a
+request holds is ``request.py``'s; what an answer means for the row is ``results.py``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
 import json
 import logging
 import random
 import re
 import time
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -25,17 +23,8 @@ import aiohttp
 
 from pipeline.budget import Budget
 from pipeline.config import EndpointConfig, LimitsConfig
-from pipeline.limits import Limits, LimitsClosed
-from pipeline.records import (
-    ApiError,
-    ConfigError,
-    Delivery,
-    ErrorKind,
-    NotSent,
-    RunAborted,
-    TransportCounters,
-)
-from pipeline.request import RequestPlan, sends_model_in_body
+from pipeline.limits import Limits, Reservation
+from pipeline.request import RequestPlan, body_for_endpoint, sends_model_in_body
 from pipeline.results import parse_usage
 
 log = logging.getLogger(__name__)
@@ -52,6 +41,7 @@ class Endpoint:
     url: str
     headers: Mapping[str, str]
     key_env: str  # the variable the key came from, named when the key is refused
+    model_in_body: str | None = None  # OpenAI-style routes name the model in the body
 
     def __repr__(self) -> str:  # the headers hold the key: never print them
         return f"Endpoint(url={self.url!r})"
@@ -67,7 +57,7 @@ def endpoint_for(cfg: EndpointConfig, api_key: str | None) -> Endpoint:
     base = cfg.url.rstrip("/")
     if sends_model_in_body(cfg.provider):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        return Endpoint(f"{base}/chat/completions", headers, key_env=cfg.api_key_env)
+        return Endpoint(f"{base}/chat/completions", headers, key_env=cfg.api_key_env, model_in_body=cfg.model)
     url = f"{base}/openai/deployments/{cfg.deployment}/chat/completions?api-version={cfg.api_version}"
     return Endpoint(url, {"api-key": api_key or ""}, key_env=cfg.api_key_env)
 
@@ -181,13 +171,39 @@ class Reply:
 
 
 @dataclass(frozen=True, slots=True)
-class _Tried:
+class _Sending:
+    """What the trace hook needs to restamp a request's reservation once it is on the wire."""
+
+    limits: Limits
+    reservation: Reservation
+
+
+def sent_tracing() -> aiohttp.TraceConfig:
+    """A trace hook for the run's session: a request's reservation counts from when its headers are sent
+    (``Limits.restamp``), not from its admission; pass it in ``ClientSession(trace_configs=[...])``."""
+
+    async def on_headers_sent(
+        session: aiohttp.ClientSession, context: Any, params: aiohttp.TraceRequestHeadersSentParams
+    ) -> None:
+        sending = context.trace_request_ctx
+        if isinstance(sending, _Sending):
+            sending.limits.restamp(sending.reservation)
+
+    tracing = aiohttp.TraceConfig()
+    tracing.on_request_headers_sent.append(on_headers_sent)
+    return tracing
+
+
+@dataclass(frozen=True, slots=True)
+class Tried:
     """How one attempt went: the answer (None when none came), what it means, and why, in one line."""
 
     reply: Reply | None
     verdict: Verdict
     cause: str  # retry_cause, counted if the row is tried again
+    billed_usd: float | None  # what the attempt costs; None: it may have been billed, for how much is unknown
     failure: str = ""  # why no answer came (timeout, connection), when none did
+    is_moved: bool = False  # cut short because its endpoint was taken out (``Client.abandon_in_flight``)
 
     @property
     def status(self) -> int | None:
@@ -202,8 +218,8 @@ class _Tried:
 
 
 class Client:
-    """The live transport: sends planned requests to one endpoint over one aiohttp session, under the
-    run's shared budgets (``limits.py``)."""
+    """One endpoint of the live transport: its URL and key, its budgets (``limits.py``), one attempt at a
+    time over the run's aiohttp session. The retry loop and the choice of endpoint are ``pool.py``'s."""
 
     def __init__(
         self,
@@ -211,7 +227,6 @@ class Client:
         endpoint: Endpoint,
         limits: Limits,
         cfg: LimitsConfig,
-        rng: random.Random,
         budget: Budget,
     ) -> None:
         self._session = session
@@ -219,134 +234,61 @@ class Client:
         self.limits = limits
         self.budget = budget
         self._cfg = cfg
-        self._rng = rng
-        self.retries_by_cause: Counter[str] = Counter()  # attempts sent again, by retry_cause
+        self.requests = 0  # attempts sent to this endpoint
+        self.charged_tokens = 0  # what the quota counts: prompt tokens + max_tokens of each answer billed
         self.http_429s = 0
-        self._stopping = asyncio.Event()
+        self._in_flight: set[asyncio.Timeout] = set()
+        self._abandoned: set[asyncio.Timeout] = set()
 
-    def stop_sending(self) -> None:
-        """Start no more attempts: requests on the wire finish; rows waiting for the budget or backing off
-        before a retry end at once, not sent."""
-        self._stopping.set()
-        self.limits.close()
+    def abandon_in_flight(self) -> None:
+        """End every request on the wire to this endpoint now (it was taken out): their rows go elsewhere."""
+        now = asyncio.get_running_loop().time()
+        for scope in self._in_flight:
+            self._abandoned.add(scope)
+            scope.reschedule(now)
 
-    def counters(self) -> TransportCounters:
-        """What this transport has met so far: 429s, retries by cause, and the pauses they caused."""
-        limits = self.limits
-        return TransportCounters(
-            http_429s=self.http_429s,
-            retries_by_cause=dict(self.retries_by_cause),
-            pauses=limits.pauses,
-            paused_s=limits.paused_s,
-            is_paused=limits.is_paused,
-        )
-
-    async def send(self, plan: RequestPlan) -> Delivery:
-        """Send one planned request, retrying what is worth retrying, and return the answer that is a result.
-
-        Every attempt first holds its worst-case cost within the spend cap (``budget.py``), then reserves 1
-        request and ``plan.reserve_tokens`` from the shared budgets. A 429 pauses every worker for the
-        time the server gave. Raises ApiError when the row fails (not retryable, or out of attempts),
-        RunAborted when no row can succeed (bad key, wrong deployment, quota gone), BudgetReached when
-        the cap has no room left for the attempt, and NotSent when an attempt was due after
-        ``stop_sending``: a request started then could not finish within the grace, and would be paid
-        for and lost.
-        """
-        cfg, row_id = self._cfg, plan.task.row_id
-        worst_usd = self.budget.worst_case_usd(
-            plan.estimated_prompt_tokens, int(plan.body.get("max_tokens", 0))
-        )
-        retrying: str | None = None  # the retry_cause of the attempt before, counted once this one is sent
-        for attempt in range(1, cfg.max_attempts + 1):
-            tried = await self._attempt(plan, worst_usd, retrying)
-            reply, verdict = tried.reply, tried.verdict
-            if (
-                reply is not None
-                and verdict.action in ("done", "filtered")
-                and isinstance(reply.body, Mapping)
-            ):
-                return Delivery(reply.status, reply.body, attempt)
-            if reply is not None and verdict.action == "unsupported":
-                raise ConfigError(
-                    f"request.response_format: the endpoint does not take it with this deployment: {tried.reason}"
-                )
-            if reply is not None and verdict.action == "abort":
-                raise RunAborted(self._abort_message(reply), http_status=reply.status)
-            if reply is not None and verdict.action == "fail":
-                code = error_code(reply.body)
-                raise ApiError(
-                    row_id,
-                    tried.reason,
-                    status=reply.status,
-                    kind=ErrorKind.HTTP_4XX,
-                    code=code,
-                    attempts=attempt,
-                )
-            if verdict.wait_s is not None and verdict.wait_s > cfg.max_retry_after_s:
-                raise RunAborted(
-                    f"the endpoint asks us to wait {verdict.wait_s:.0f} s, more than limits.max_retry_after_s = "
-                    f"{cfg.max_retry_after_s:.0f} s: the quota is used up ({tried.reason})",
-                    http_status=tried.status,
-                )
-            if attempt == cfg.max_attempts:
-                raise ApiError(
-                    row_id,
-                    f"gave up after {cfg.max_attempts} attempts; last: {tried.reason}",
-                    status=tried.status,
-                    kind=ErrorKind.RETRIES_EXHAUSTED,
-                    attempts=cfg.max_attempts,
-                )
-            wait_s = verdict.wait_s if verdict.wait_s is not None else backoff_s(attempt, cfg, self._rng)
-            retrying = tried.cause
-            if tried.status == 429:
-                log.info(
-                    "429 from the endpoint: pausing every worker for %.2f s", wait_s,
-                    extra={"event": "paused_on_429", "wait_s": round(wait_s, 3), "row_id": row_id},
-                )  # fmt: skip
-                self.limits.pause(wait_s)  # every worker waits: the quota is shared
-            else:
-                with contextlib.suppress(TimeoutError):  # a stop cuts the wait short; acquire then says so
-                    await asyncio.wait_for(self._stopping.wait(), wait_s)
-        raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
-
-    async def _attempt(self, plan: RequestPlan, worst_usd: float, retrying: str | None) -> _Tried:
-        """One request: hold its cost, reserve the quota, post, read the answer, settle both."""
-        hold = await self.budget.hold(worst_usd)  # BudgetReached: the row stays for the next run
-        billed_usd: float | None = 0.0  # None: the request may have been billed, for how much is unknown
+    async def attempt(self, plan: RequestPlan, reservation: Reservation) -> Tried:
+        """Send one booked request, read the answer and settle its reservation with the server's count."""
+        self.requests += 1
+        max_tokens = int(plan.body.get("max_tokens", 0))
+        scope = asyncio.timeout(None)  # abandon_in_flight ends it early
         try:
-            try:
-                reservation = await self.limits.acquire(plan.reserve_tokens)
-            except LimitsClosed:
-                raise NotSent(plan.task.row_id) from None
-            if retrying is not None:
-                self.retries_by_cause[retrying] += 1
-            billed_usd = None  # from here on the request may reach the service
-            try:
-                reply = await self._post(plan.body)
-            except (TimeoutError, aiohttp.ClientError) as err:
-                return _Tried(
-                    None,
-                    Verdict("retry"),
-                    retry_cause(None, err),
-                    _describe_exception(err, self._cfg.timeout_s),
-                )
+            async with scope:
+                self._in_flight.add(scope)
+                try:
+                    body = body_for_endpoint(plan.body, self.endpoint.model_in_body)
+                    reply = await self._post(body, _Sending(self.limits, reservation))
+                finally:
+                    self._in_flight.discard(scope)
+        except (TimeoutError, aiohttp.ClientError) as err:
+            if scope in self._abandoned:
+                self._abandoned.discard(scope)
+                reason = "moved: its endpoint was taken out while the request was on the wire"
+                return Tried(None, Verdict("retry"), "moved", None, reason, is_moved=True)
+            reason = _describe_exception(err, self._cfg.timeout_s)
+            return Tried(None, Verdict("retry"), retry_cause(None, err), None, reason)
+        if reply.status != 429:
+            # A 429 saying "0 remaining" describes the moment of the refusal, which its retry-after already
+            # covers; booked as a full window it would hold the endpoint ~10 s instead of what was asked.
             self.limits.observe(reply.headers)
-            self.http_429s += reply.status == 429
-            verdict = classify(reply.status, reply.headers, reply.body, now=time.time())
-            billed_usd = self._billed_usd(reply, verdict, plan)
-            usage = parse_usage(reply.body) if isinstance(reply.body, Mapping) else None
-            if usage is not None:  # the server's own count replaces our estimate in the window
-                self.limits.settle(reservation, usage.prompt_tokens + int(plan.body.get("max_tokens", 0)))
-            elif reply.status == 429:
-                self.limits.settle(reservation, 0)  # a refused request is not charged against the quota
-            return _Tried(reply, verdict, retry_cause(reply.status))
-        finally:
-            self.budget.settle(hold, billed_usd)
+        self.http_429s += reply.status == 429
+        verdict = classify(reply.status, reply.headers, reply.body, now=time.time())
+        usage = parse_usage(reply.body) if isinstance(reply.body, Mapping) else None
+        if usage is not None:  # the server's own count replaces our estimate in the window
+            self.limits.settle(reservation, usage.prompt_tokens + max_tokens)
+            self.charged_tokens += usage.prompt_tokens + max_tokens
+        elif reply.status == 429:
+            self.limits.settle(reservation, 0)  # a refused request is not charged against the quota
+        return Tried(reply, verdict, retry_cause(reply.status), self._billed_usd(reply, verdict, plan))
 
-    async def _post(self, body: Mapping[str, Any]) -> Reply:
+    async def _post(self, body: Mapping[str, Any], sending: _Sending) -> Reply:
         timeout = aiohttp.ClientTimeout(total=self._cfg.timeout_s)
         async with self._session.post(
-            self.endpoint.url, json=body, headers=self.endpoint.headers, timeout=timeout
+            self.endpoint.url,
+            json=body,
+            headers=self.endpoint.headers,
+            timeout=timeout,
+            trace_request_ctx=sending,
         ) as response:
             text = await response.text()
         try:
@@ -366,17 +308,22 @@ class Client:
             return self.budget.worst_case_usd(plan.estimated_prompt_tokens, 0)
         return None if reply.status == 200 else 0.0
 
-    def _abort_message(self, reply: Reply) -> str:
+    def refusal_message(self, reply: Reply, name: str, where: str) -> str:
+        """One line for a 401/403/404 naming the endpoint (`name`, configured as `where`: ``endpoint`` or
+        ``endpoints[1]``) and its key's variable, never the key."""
         reason = error_message(reply.body, reply.text)
         if reply.status in (401, 403):
             key = self.endpoint.key_env
             what = (
-                f"the key in ${key} (endpoint.api_key_env)"
+                f"the key in ${key} ({where}.api_key_env)"
                 if key
-                else "us: endpoint.api_key_env is empty, no key sent"
+                else f"us: {where}.api_key_env is empty, no key sent"
             )
-            return f"HTTP {reply.status}: the endpoint refused {what}: {reason}"
-        return f"HTTP 404: no such deployment or route, check endpoint.url and endpoint.deployment: {reason}"
+            return f"HTTP {reply.status}: endpoint {name!r} refused {what}: {reason}"
+        return (
+            f"HTTP 404: endpoint {name!r}: no such deployment or route, check {where}.url and "
+            f"{where}.deployment: {reason}"
+        )
 
 
 def _describe_exception(err: BaseException, timeout_s: float) -> str:

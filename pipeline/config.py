@@ -3,6 +3,11 @@
 Every default lives here. A bad value stops the run with one line naming the file and the key.
 Any setting can be overridden from the environment as ``VISION_PIPELINE_<SECTION>_<KEY>``, for
 example ``VISION_PIPELINE_LIMITS_CONCURRENCY=4``; the override is validated like the file.
+
+A pool of endpoints is a list of ``[[endpoints]]`` tables, each with the keys of ``[endpoint]`` plus its own
+``tokens_per_minute`` and ``requests_per_minute`` (no environment overrides: a list has no one name).
+The run then uses ``RunConfig.pool``; ``cfg.endpoint`` is the pool's first member (its model and provider
+are the run's: every member serves the same model) and ``cfg.limits`` carries the pool's summed quota.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ from pipeline.records import ConfigError
 ENV_PREFIX = "VISION_PIPELINE_"
 EMULATOR_API_KEY = "emulator"  # the in-process emulator accepts any key; this one is never secret
 PROVIDERS = ("azure", "openai", "emulator")
+RPM_PER_1000_TPM = 6  # Azure's default ratio of requests to tokens per minute
 
 
 @dataclass(frozen=True, slots=True)
 class EndpointConfig:
+    name: str = "default"  # what the output's endpoint column, the log and _stats.json call it
     provider: Literal["azure", "openai", "emulator"] = "emulator"
     url: str = ""  # Azure: https://RESOURCE.openai.azure.com; OpenAI-compatible: the base URL (…/v1)
     deployment: str = ""  # Azure only
@@ -33,6 +40,19 @@ class EndpointConfig:
     api_key_env: str = ""  # name of the environment variable holding the key, never the key itself
     model: str = "gpt-4-turbo"  # used for token accounting and prices
     mode: Literal["live", "batch"] = "live"  # batch: the Batch API, half price within 24 h (pipeline/batch/)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolMember:
+    """One endpoint of the run and its own quota (requests_per_minute resolved: never 0)."""
+
+    endpoint: EndpointConfig
+    tokens_per_minute: int
+    requests_per_minute: int
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,12 +165,28 @@ class RunConfig:
     pricing: PricingConfig = field(default_factory=PricingConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     source: str = "<defaults>"  # the file it came from, for messages
+    endpoints: tuple[PoolMember, ...] = ()  # [[endpoints]]; empty: the single [endpoint] + [limits] form
 
     @property
     def requests_per_minute(self) -> int:
         """The RPM budget: as configured, else Azure's ratio of 6 RPM per 1000 TPM."""
-        configured = self.limits.requests_per_minute
-        return configured if configured > 0 else max(1, self.limits.tokens_per_minute * 6 // 1000)
+        return _rpm(self.limits.requests_per_minute, self.limits.tokens_per_minute)
+
+    @property
+    def pool(self) -> tuple[PoolMember, ...]:
+        """The endpoints of the run with their quotas: [[endpoints]], or [endpoint] with [limits]'s quota."""
+        if self.endpoints:
+            return self.endpoints
+        return (PoolMember(self.endpoint, self.limits.tokens_per_minute, self.requests_per_minute),)
+
+    @property
+    def largest_tokens_per_minute(self) -> int:
+        """The most one request may reserve: it must fit one member's minute."""
+        return max(member.tokens_per_minute for member in self.pool)
+
+
+def _rpm(configured: int, tokens_per_minute: int) -> int:
+    return configured if configured > 0 else max(1, tokens_per_minute * RPM_PER_1000_TPM // 1000)
 
 
 _SECTION_TYPES = {
@@ -189,16 +225,78 @@ def config_from_mapping(
     environ = {} if environ is None else environ
     sections: dict[str, Any] = {}
     for name in raw:
-        if name not in _SECTION_TYPES:
-            raise ConfigError(f"{source}: unknown section [{name}] (known: {', '.join(_SECTION_TYPES)})")
+        if name not in _SECTION_TYPES and name != "endpoints":
+            known = ", ".join([*_SECTION_TYPES, "[endpoints]"])
+            raise ConfigError(f"{source}: unknown section [{name}] (known: {known})")
     for name, section_type in _SECTION_TYPES.items():
         values = raw.get(name, {})
         if not isinstance(values, Mapping):
             raise ConfigError(f"{source}: [{name}] must be a table")
         sections[name] = _load_section(section_type, name, values, source, environ)
     cfg = RunConfig(**sections, source=source)
+    if "endpoints" in raw:
+        cfg = _with_pool(cfg, raw, environ)
     _check(cfg)
     return cfg
+
+
+_POOL_QUOTA_KEYS = ("tokens_per_minute", "requests_per_minute")
+
+
+def _with_pool(cfg: RunConfig, raw: Mapping[str, Any], environ: Mapping[str, str]) -> RunConfig:
+    """`cfg` with its [[endpoints]] pool: checked, the first member as cfg.endpoint, the quotas summed."""
+    src, tables = cfg.source, raw["endpoints"]
+    if not isinstance(tables, list) or not tables or not all(isinstance(t, Mapping) for t in tables):
+        raise ConfigError(f"{src}: endpoints must be a list of [[endpoints]] tables")
+    if "endpoint" in raw:
+        raise ConfigError(
+            f"{src}: [endpoint] beside [[endpoints]]: use one form (move it into [[endpoints]])"
+        )
+    for key in _POOL_QUOTA_KEYS:
+        env_name = f"{ENV_PREFIX}limits_{key}".upper()
+        if key in raw.get("limits", {}) or env_name in environ:
+            raise ConfigError(
+                f"{src}: limits.{key} beside [[endpoints]]: set endpoints[].{key} on each endpoint instead"
+            )
+    members = []
+    for n, table in enumerate(tables):
+        where = f"endpoints[{n}]"
+        quotas = {key: table[key] for key in _POOL_QUOTA_KEYS if key in table}
+        endpoint_keys = {key: value for key, value in table.items() if key not in _POOL_QUOTA_KEYS}
+        if "name" not in endpoint_keys:
+            raise ConfigError(f"{src}: {where}.name is required: each endpoint of a pool is named")
+        endpoint = _load_section(EndpointConfig, where, endpoint_keys, src, {})
+        limits = _load_section(LimitsConfig, where, quotas, src, {})
+        members.append(
+            PoolMember(
+                endpoint, limits.tokens_per_minute, _rpm(limits.requests_per_minute, limits.tokens_per_minute)
+            )
+        )
+    first = members[0].endpoint
+    seen: set[str] = set()
+    for n, member in enumerate(members):
+        ep = member.endpoint
+        if not ep.name.strip() or ep.name in seen:
+            raise ConfigError(
+                f"{src}: endpoints[{n}].name = {ep.name!r}: each endpoint needs a name of its own"
+            )
+        seen.add(ep.name)
+        if ep.model != first.model:
+            raise ConfigError(
+                f"{src}: endpoints[{n}].model = {ep.model!r} differs from endpoints[0].model = {first.model!r}: "
+                "every endpoint of a pool serves the same model"
+            )
+        if member.tokens_per_minute <= 0 or member.requests_per_minute <= 0:
+            raise ConfigError(
+                f"{src}: endpoints[{n}].tokens_per_minute and requests_per_minute must be greater than 0"
+            )
+        _check_endpoint(ep, src, f"endpoints[{n}]")
+    limits = dataclasses.replace(
+        cfg.limits,
+        tokens_per_minute=sum(m.tokens_per_minute for m in members),
+        requests_per_minute=sum(m.requests_per_minute for m in members),
+    )
+    return dataclasses.replace(cfg, endpoint=first, limits=limits, endpoints=tuple(members))
 
 
 def _load_section(
@@ -260,15 +358,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
 
 def _check(cfg: RunConfig) -> None:
     """Cross-field and range checks: each failure names the setting."""
-    src, ep, req, lim = cfg.source, cfg.endpoint, cfg.request, cfg.limits
-    if ep.provider == "azure":
-        for key in ("url", "deployment", "api_key_env"):
-            if not getattr(ep, key):
-                raise ConfigError(f"{src}: endpoint.{key} is required when endpoint.provider = 'azure'")
-    if ep.provider == "openai" and not ep.url:
-        raise ConfigError(f"{src}: endpoint.url is required when endpoint.provider = 'openai'")
-    if ep.provider != "emulator" and not ep.url.startswith(("http://", "https://")):
-        raise ConfigError(f"{src}: endpoint.url = {ep.url!r}: must start with http:// or https://")
+    src, req, lim = cfg.source, cfg.request, cfg.limits
+    _check_endpoint(cfg.endpoint, src, "endpoint")
     positive = {
         "request.max_tokens": req.max_tokens,
         "limits.tokens_per_minute": lim.tokens_per_minute,
@@ -320,6 +411,18 @@ def _check(cfg: RunConfig) -> None:
         raise ConfigError(f"{src}: limits.max_cost_usd = {lim.max_cost_usd}: must be a number greater than 0")
 
 
+def _check_endpoint(ep: EndpointConfig, src: str, where: str) -> None:
+    """The keys a provider needs; `where` is how the config names the table (endpoint, endpoints[1])."""
+    if ep.provider == "azure":
+        for key in ("url", "deployment", "api_key_env"):
+            if not getattr(ep, key):
+                raise ConfigError(f"{src}: {where}.{key} is required when {where}.provider = 'azure'")
+    if ep.provider == "openai" and not ep.url:
+        raise ConfigError(f"{src}: {where}.url is required when {where}.provider = 'openai'")
+    if ep.provider != "emulator" and not ep.url.startswith(("http://", "https://")):
+        raise ConfigError(f"{src}: {where}.url = {ep.url!r}: must start with http:// or https://")
+
+
 def _check_batch(cfg: RunConfig) -> None:
     src, batch, ep = cfg.source, cfg.batch, cfg.endpoint
     for key in ("max_file_bytes", "max_file_requests", "poll_s", "max_rounds"):
@@ -327,6 +430,12 @@ def _check_batch(cfg: RunConfig) -> None:
             raise ConfigError(f"{src}: batch.{key} = {getattr(batch, key)}: must be greater than 0")
     if batch.enqueued_tokens < 0:
         raise ConfigError(f"{src}: batch.enqueued_tokens = {batch.enqueued_tokens}: must not be negative")
+    batch_members = [n for n, m in enumerate(cfg.endpoints) if m.endpoint.mode == "batch"]
+    if batch_members and len(cfg.endpoints) > 1:
+        raise ConfigError(
+            f'{src}: endpoints[{batch_members[0]}].mode = "batch": a Batch API run uses one endpoint; '
+            "give it a single [endpoint] table"
+        )
     if ep.mode == "batch" and ep.provider == "azure" and not is_batch_api_version(ep.api_version):
         raise ConfigError(
             f'{src}: endpoint.api_version = {ep.api_version!r}: the Batch API needs "v1" or '
@@ -373,8 +482,12 @@ def api_key(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> str | N
     Raises ConfigError naming the variable (never its value) when it is required and unset. An
     OpenAI-compatible server may need no key: leave api_key_env empty.
     """
+    return api_key_of(cfg.endpoint, cfg.source, environ)
+
+
+def api_key_of(ep: EndpointConfig, source: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The key of one endpoint (of a pool, or the run's one): see ``api_key``."""
     environ = os.environ if environ is None else environ
-    ep = cfg.endpoint
     if ep.provider == "emulator":
         return environ.get(ep.api_key_env) if ep.api_key_env else EMULATOR_API_KEY
     if not ep.api_key_env:
@@ -382,6 +495,6 @@ def api_key(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> str | N
     key = environ.get(ep.api_key_env, "").strip()
     if not key:
         raise ConfigError(
-            f"{cfg.source}: endpoint.api_key_env: environment variable {ep.api_key_env} is not set"
+            f"{source}: endpoint {ep.name!r} api_key_env: environment variable {ep.api_key_env} is not set"
         )
     return key

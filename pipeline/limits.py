@@ -1,4 +1,4 @@
-"""Requests-per-minute and tokens-per-minute budgets, the global cool-down on 429, and header feedback.
+"""One endpoint's requests-per-minute and tokens-per-minute budgets, its 429 holds, and header feedback.
 
 How the quota is kept (Azure's rules, which the emulator's quota mode mirrors):
 
@@ -11,17 +11,21 @@ How the quota is kept (Azure's rules, which the emulator's quota mode mirrors):
 * Waiting requests are admitted in order, except that a later one goes first when it fits now and does
   not delay the first in line (backfilling, as batch schedulers do it). Strict order would leave the
   window part-empty while a large request waits for room: 3 to 4 % of the quota with mixed image sizes.
-* For one window after the start and after each pause, admissions also keep to the quota's own rate (the
+* For one window after the start and after each pause of a window or more, admissions also keep to the quota's own rate (the
   request that opens the window may run ahead), so the first window fills over 10 s rather than in one
   burst; after that the log replays the same smooth pattern. A pacer kept at the quota's rate for the
   whole run would cost about 4 %: every delay it adds pushes the next window back and is never made up.
 * Requests are also kept to a sixtieth of the RPM in any second (aiolimiter), as Azure counts them over
   1-s windows too.
-* A 429 pauses every worker until the time the server gave, cuts the budget by a quarter and restarts
-  the ramp; the budget then grows back linearly over ``RECOVERY_S`` (the deployment's quota may be
-  shared with other clients).
+* A 429 holds this endpoint for exactly the time the server gave, and no longer. (Cutting the budget by
+  a quarter after each 429 cost the steady pool ~10 % of its quota, since a 429 at a window's edge
+  comes from transit jitter, not from others; a quota shared with other clients is followed through
+  the headers instead: bench/pool.py.)
 * ``x-ratelimit-remaining-tokens`` / ``-requests`` lower than our own view means someone else uses the
-  quota: the difference is booked into the window so we slow down before the server says 429.
+  quota: the difference is booked into the window (each answer replaces the figure of the one before),
+  so we slow down before the server says 429 (see ``Limits.observe``). On a 429 these headers say
+  nothing new: the client does not pass them here, or "0 remaining" would hold the endpoint a whole
+  window instead of what it asked.
 """
 
 from __future__ import annotations
@@ -38,9 +42,13 @@ WINDOWS_PER_MINUTE = 6
 # Keep reservations a little longer than the server does; each 0.1 s costs 1 % of the quota. Transit to
 # the in-process emulator varies by ~2 ms (36 ms at worst); a request that still comes too early gets a 429.
 WINDOW_SLACK_S = 0.05
-BACKOFF_FACTOR = 0.75  # budget share kept after a 429
-MIN_SHARE = 0.25  # never throttle below this share of the configured budget
-RECOVERY_S = 30.0  # time to grow from MIN_SHARE back to the full budget
+# A 429 asking for less than this, when our log had room, says the server counts our requests later than
+# we do (a busy server charges after reading the body): the slack grows by what it asked, up to this
+# (at most 2.5 % of the quota), so the next window's edge does not draw the same 429.
+MAX_WINDOW_SLACK_S = 0.25
+# While others use the quota, this share of the window is kept free of ours: they send between our
+# answers, and a window we fill to the brim has no room for that.
+OTHERS_MARGIN_SHARE = 0.05
 TIMER_EARLY_S = 1e-6  # asyncio may run a timer up to its clock's resolution early: count that as on time
 
 
@@ -59,13 +67,14 @@ class Reservation:
     at: float
     tokens: int
     requests: int = 1
-    in_window: bool = False
+    in_window: bool = False  # set by _WindowLog only
 
 
 class _WindowLog:
-    """The reservations of the last WINDOW_S + WINDOW_SLACK_S seconds."""
+    """The reservations of the last WINDOW_S + `slack_s` seconds."""
 
     def __init__(self) -> None:
+        self.slack_s = WINDOW_SLACK_S
         self.entries: deque[Reservation] = deque()
         self.tokens = 0
         self.requests = 0
@@ -76,8 +85,29 @@ class _WindowLog:
         self.tokens += reservation.tokens
         self.requests += reservation.requests
 
+    def remove(self, reservation: Reservation) -> None:
+        """Take `reservation` out of the log. It is among the newest (booked, restamped or others' share
+        of the last answer): searched from the right, so that this costs little with a long window."""
+        for back, entry in enumerate(reversed(self.entries)):
+            if entry is reservation:
+                del self.entries[len(self.entries) - 1 - back]
+                break
+        reservation.in_window = False
+        self.tokens -= reservation.tokens
+        self.requests -= reservation.requests
+
+    def insert(self, reservation: Reservation) -> None:
+        """Put `reservation` back in order of time (expiry reads the log from the left)."""
+        index = len(self.entries)
+        while index > 0 and self.entries[index - 1].at > reservation.at:
+            index -= 1
+        self.entries.insert(index, reservation)
+        reservation.in_window = True
+        self.tokens += reservation.tokens
+        self.requests += reservation.requests
+
     def expire(self, now: float) -> None:
-        while self.entries and self.entries[0].at + WINDOW_S + WINDOW_SLACK_S <= now + TIMER_EARLY_S:
+        while self.entries and self.entries[0].at + WINDOW_S + self.slack_s <= now + TIMER_EARLY_S:
             gone = self.entries.popleft()
             gone.in_window = False
             self.tokens -= gone.tokens
@@ -102,8 +132,8 @@ class _WindowLog:
             used, count = used - entry.tokens, count - entry.requests
             is_empty = n == len(self.entries) and ahead is None
             if is_empty or (used + tokens <= token_cap and count + 1 <= request_cap):
-                return entry.at + WINDOW_S + WINDOW_SLACK_S - now
-        return WINDOW_S + WINDOW_SLACK_S  # it must wait for the request booked ahead of it to leave
+                return entry.at + WINDOW_S + self.slack_s - now
+        return WINDOW_S + self.slack_s  # it must wait for the request booked ahead of it to leave
 
 
 class _Ramp:
@@ -123,6 +153,11 @@ class _Ramp:
     def take(self, now: float, amount: float) -> None:
         if now < self.start + WINDOW_S:
             self.used += amount
+
+    def give_back(self, at: float, amount: float) -> None:
+        """Undo a ``take`` made at `at` of a booking withdrawn unsent."""
+        if self.start <= at < self.start + WINDOW_S:
+            self.used = max(0.0, self.used - amount)
 
 
 @dataclass(slots=True)
@@ -147,9 +182,8 @@ class Limits:
         # aiolimiter keeps any second to its share of the RPM (Azure's other, 1-s window); it binds only
         # when requests, not tokens, are the scarce budget
         self._per_second = AsyncLimiter(max(1.0, requests_per_minute / 60), 1.0)
+        self._others: Reservation | None = None  # what others used, per the last answer's headers
         self._resume_at = 0.0
-        self._share = 1.0
-        self._share_at = now
         self.pauses = 0
         self.paused_s = 0.0
         self._closed = False
@@ -172,26 +206,63 @@ class Limits:
     async def acquire(self, tokens: int) -> Reservation:
         """Wait until one request of `tokens` fits every budget, then book it. Raises ValueError when
         `tokens` exceeds the whole per-minute budget (check `admits` first), LimitsClosed after ``close``."""
+        offered = self.offer(tokens)
+        try:
+            reservation = await offered
+        except asyncio.CancelledError:
+            self.withdraw(offered)
+            raise
+        return await self.take(reservation)
+
+    def offer(self, tokens: int, *, is_retry: bool = False) -> asyncio.Future[Reservation]:
+        """Queue one request of `tokens`; the future is its booking once admitted (LimitsClosed after
+        ``close``). A pool offers a request to several endpoints and ``withdraw``s it from all but one.
+        A retry goes before the requests not yet sent: its row has waited once already (and one moved
+        off a failed endpoint must not wait behind a full queue)."""
         if not self.admits(tokens):
             raise ValueError(f"{tokens} tokens exceed limits.tokens_per_minute = {self.tokens_per_minute}")
+        admitted: asyncio.Future[Reservation] = self._loop.create_future()
         if self._closed:
-            raise LimitsClosed()
-        waiter = _Waiter(tokens, self._loop.create_future())
-        self._waiting.append(waiter)
+            admitted.set_exception(LimitsClosed())
+            return admitted
+        waiter = _Waiter(tokens, admitted)
+        if is_retry:
+            self._waiting.appendleft(waiter)
+        else:
+            self._waiting.append(waiter)
         self._admit()
-        try:
-            reservation = await waiter.admitted
-            await self._per_second.acquire(1)  # Azure also counts requests over 1-s windows
-            if self._closed:  # closed while this one was admitted but not yet on its way
-                self.settle(reservation, 0)
-                raise LimitsClosed()
-            return reservation
-        except asyncio.CancelledError:
-            admitted = waiter.admitted
-            if admitted.done() and not admitted.cancelled() and admitted.exception() is None:
-                self.settle(admitted.result(), 0)  # booked but never sent: give its tokens back
+        return admitted
+
+    def withdraw(self, offered: asyncio.Future[Reservation]) -> None:
+        """Take an offer back: a waiting one leaves the line; a booked one leaves the window unsent."""
+        if not offered.done():
+            offered.cancel()
+        elif not offered.cancelled() and offered.exception() is None:
+            reservation = offered.result()
+            if reservation.in_window:
+                self._log.remove(reservation)
+                self._token_ramp.give_back(reservation.at, reservation.tokens)
+                self._request_ramp.give_back(reservation.at, 1)
+        if self._waiting:
             self._admit()  # the next in line may go sooner
+
+    def restamp(self, reservation: Reservation) -> None:
+        """The request has just gone out (its headers are sent): its time in the window is now, not when it
+        was admitted. Opening a new connection can take longer than the window's slack, and the server
+        counts the request from its arrival."""
+        self.move(reservation, self._loop.time())
+
+    async def take(self, reservation: Reservation) -> Reservation:
+        """Send a booked request once the per-second pacer lets it go. Raises LimitsClosed after ``close``."""
+        try:
+            await self._per_second.acquire(1)  # Azure also counts requests over 1-s windows
+        except asyncio.CancelledError:
+            self.settle(reservation, 0)  # booked but never sent: give its tokens back
             raise
+        if self._closed:  # closed while this one was admitted but not yet on its way
+            self.settle(reservation, 0)
+            raise LimitsClosed()
+        return reservation
 
     def _admit(self) -> None:
         """Admit every waiting request that may go now, then set the timer for the first in line."""
@@ -228,20 +299,14 @@ class Limits:
 
     def _wait_s(self, now: float, tokens: int, ahead: int | None = None) -> float:
         """How long a request of `tokens` must wait; `ahead`: with one more request booked now before it."""
-        share = self._current_share(now)
-        token_cap = self.tokens_per_minute / WINDOWS_PER_MINUTE * share
-        request_cap = max(1.0, self.requests_per_minute / WINDOWS_PER_MINUTE * share)
+        token_cap = self.tokens_per_minute / WINDOWS_PER_MINUTE
+        request_cap = max(1.0, self.requests_per_minute / WINDOWS_PER_MINUTE)
         return max(
             self._resume_at - now,
             self._log.wait_s(now, tokens, token_cap, request_cap, ahead),
             self._token_ramp.wait_s(now, ahead or 0),
             self._request_ramp.wait_s(now, 0 if ahead is None else 1),
         )
-
-    def _current_share(self, now: float) -> float:
-        grown = self._share + (now - self._share_at) * (1 - MIN_SHARE) / RECOVERY_S
-        self._share, self._share_at = min(1.0, grown), now
-        return self._share
 
     def settle(self, reservation: Reservation, tokens: int) -> None:
         """Correct a reservation with what the server billed (prompt tokens + max_tokens)."""
@@ -254,46 +319,85 @@ class Limits:
     def move(self, reservation: Reservation, at: float) -> None:
         """Count `reservation` from `at` (loop time), when it is later than its booking: the request left
         after its admission by more than the same process would take (a Ray worker's, shared_quota.py)."""
-        entries = self._log.entries
-        if at <= reservation.at or reservation not in entries:
+        if at <= reservation.at or not reservation.in_window:
             return
-        entries.remove(reservation)
+        self._log.remove(reservation)
         reservation.at = at
-        index = len(entries)
-        while index > 0 and entries[index - 1].at > at:  # the log stays in order of time: expiry reads it so
-            index -= 1
-        entries.insert(index, reservation)
+        self._log.insert(reservation)
 
     def pause(self, wait_s: float) -> None:
-        """A 429: stop every worker for `wait_s` seconds, then resume gradually at a reduced budget."""
+        """A 429: admit nothing for exactly `wait_s` seconds. After a hold of a window or more the window
+        is empty, as at the start: admissions then ramp up again rather than go in one burst."""
         if self._closed:
             return  # nothing will be sent again: a pause would only be counted
+        self.hold(wait_s)
+        self.pauses += 1
+        if wait_s < MAX_WINDOW_SLACK_S:
+            self._log.slack_s = min(MAX_WINDOW_SLACK_S, self._log.slack_s + wait_s)
+        if wait_s >= WINDOW_S:
+            self._token_ramp = _Ramp(self._token_ramp.per_s, self._resume_at)
+            self._request_ramp = _Ramp(self._request_ramp.per_s, self._resume_at)
+        if self._waiting:
+            self._admit()
+
+    def hold(self, wait_s: float) -> None:
+        """Admit nothing for `wait_s` seconds (counted in ``paused_s``), the budget unchanged."""
         now = self._loop.time()
         resume_at = now + wait_s
         if resume_at > self._resume_at:
             self.paused_s += resume_at - max(now, self._resume_at)
             self._resume_at = resume_at
-        self.pauses += 1
-        self._share = max(MIN_SHARE, self._current_share(now) * BACKOFF_FACTOR)
-        self._token_ramp = _Ramp(self._token_ramp.per_s, self._resume_at)
-        self._request_ramp = _Ramp(self._request_ramp.per_s, self._resume_at)
         if self._waiting:
             self._admit()
+
+    @property
+    def resume_at(self) -> float:
+        """The loop time until which nothing is admitted (past: nothing held)."""
+        return self._resume_at
+
+    @property
+    def room(self) -> float:
+        """The share of this window's token budget not yet booked, 0..1: how the pool breaks ties."""
+        now = self._loop.time()
+        self._log.expire(now)
+        return max(0.0, 1.0 - self._log.tokens / (self.tokens_per_minute / WINDOWS_PER_MINUTE))
 
     @property
     def is_paused(self) -> bool:
         return self._loop.time() < self._resume_at
 
     def observe(self, headers: Mapping[str, str]) -> None:
-        """Book quota that others use, as told by x-ratelimit-remaining-* (per-minute figures)."""
+        """Book quota that others use, as told by x-ratelimit-remaining-* (per-minute figures).
+
+        What the server counts beyond our own reservations is someone else's: it is booked now, as one
+        entry that leaves the window in 10 s unless the next answer replaces it with a fresh figure (so it
+        does not leave all at once while they keep sending). OTHERS_MARGIN_SHARE of the window is kept
+        free of ours on top while others use it: they send between our answers, and a full window has no
+        room for that (see bench/pool.py, the shared case).
+        """
         now = self._loop.time()
         self._log.expire(now)
-        left_tokens = headers.get("x-ratelimit-remaining-tokens")
-        left_requests = headers.get("x-ratelimit-remaining-requests")
-        unseen_tokens = _unseen(left_tokens, self.tokens_per_minute, self._log.tokens)
-        unseen_requests = _unseen(left_requests, self.requests_per_minute, self._log.requests)
+        others = self._others if self._others is not None and self._others.in_window else None
+        own_tokens = self._log.tokens - (others.tokens if others else 0)
+        own_requests = self._log.requests - (others.requests if others else 0)
+        unseen_tokens = _unseen(
+            headers.get("x-ratelimit-remaining-tokens"), self.tokens_per_minute, own_tokens
+        )
+        unseen_requests = _unseen(
+            headers.get("x-ratelimit-remaining-requests"), self.requests_per_minute, own_requests
+        )
+        if others is None and not (unseen_tokens or unseen_requests):
+            return  # nothing booked for others, nothing to book
+        if unseen_tokens:
+            unseen_tokens += int(self.tokens_per_minute / WINDOWS_PER_MINUTE * OTHERS_MARGIN_SHARE)
+        if others is not None:
+            self._log.remove(others)
+        self._others = None
         if unseen_tokens or unseen_requests:
-            self._log.add(Reservation(now, unseen_tokens, unseen_requests))
+            self._others = Reservation(now, unseen_tokens, unseen_requests)
+            self._log.add(self._others)
+        if self._waiting:
+            self._admit()  # less booked for others than before may leave room now
 
 
 def _unseen(remaining: str | None, per_minute: int, ours: int) -> int:

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.records import RunProgress
+from pipeline.records import EndpointCounters, RunProgress
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ def render_textfile(progress: RunProgress) -> str:
         ("http_429_total", "counter", "HTTP 429 answers received by this run.", [("", progress.http_429s)]),
         ("errors_total", "counter", "Rows of this run that ended in error.", [("", progress.error)]),
         ("retries_total", "counter", "Requests sent again by this run.", [("", progress.retries)]),
-        ("paused_seconds_total", "counter", "Time this run held every worker after a 429.", [("", progress.paused_s)]),
+        ("paused_seconds_total", "counter", "Time every endpoint was held at once after 429s (no worker could send).",
+         [("", progress.paused_s)]),
         ("rows_skipped", "gauge", "Rows committed by earlier runs or repeated ids: nothing to send.",
          [("", progress.rows_before)]),
         ("elapsed_seconds", "gauge", "Time since this run started.", [("", progress.elapsed_s)]),
@@ -53,6 +54,8 @@ def render_textfile(progress: RunProgress) -> str:
         metrics.append(
             ("max_cost_usd", "gauge", "The run's spend cap in US dollars.", [("", progress.max_cost_usd)])
         )
+    if len(progress.endpoints) > 1:
+        metrics += _endpoint_metrics(progress)
     lines = []
     for name, kind, help_text, samples in metrics:
         full = f"{PREFIX}_{name}"
@@ -62,6 +65,25 @@ def render_textfile(progress: RunProgress) -> str:
             for labels, value in samples
         ]
     return "\n".join(lines) + "\n"
+
+
+def _endpoint_metrics(progress: RunProgress) -> list[tuple[str, str, str, list[tuple[str, float]]]]:
+    """Per endpoint of a pool, labelled by its name."""
+
+    def by_endpoint(value: Callable[[EndpointCounters], float]) -> list[tuple[str, float]]:
+        return [(f'endpoint="{e.name}"', value(e)) for e in progress.endpoints]
+
+    return [
+        ("endpoint_requests_total", "counter", "Requests sent to each endpoint.", by_endpoint(lambda e: e.requests)),
+        ("endpoint_charged_tokens_total", "counter", "Tokens each endpoint's quota counted (prompt + max_tokens).",
+         by_endpoint(lambda e: e.charged_tokens)),
+        ("endpoint_quota_tokens_per_minute", "gauge", "Each endpoint's quota.", by_endpoint(lambda e: e.tokens_per_minute)),
+        ("endpoint_http_429_total", "counter", "HTTP 429 answers from each endpoint.", by_endpoint(lambda e: e.http_429s)),
+        ("endpoint_held_seconds_total", "counter", "Time each endpoint admitted nothing after its 429s.",
+         by_endpoint(lambda e: e.held_s)),
+        ("endpoint_in_service", "gauge", "1 while the endpoint serves, 0 once taken out for the run.",
+         by_endpoint(lambda e: int(e.out_because is None))),
+    ]  # fmt: skip
 
 
 def _number(value: float) -> str:

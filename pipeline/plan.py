@@ -243,16 +243,18 @@ def costs(
 def plan_duration(
     rows: int, prompt_tokens: int, cfg: RunConfig, *, window_h: float | None, latency_s: float | None
 ) -> Duration:
-    """How long the limiter takes to admit `rows` requests holding `prompt_tokens` in all."""
+    """How long the limiters take to admit `rows` requests holding `prompt_tokens` in all: a pool's
+    endpoints each admit whole requests into their own windows, side by side."""
     tpm, rpm, max_tokens = cfg.limits.tokens_per_minute, cfg.requests_per_minute, cfg.request.max_tokens
     window_s = WINDOW_S + WINDOW_SLACK_S  # the limiter keeps each reservation this long
-    by_requests = max(1, math.floor(rpm / WINDOWS_PER_MINUTE))
+    by_requests = sum(max(1, math.floor(m.requests_per_minute / WINDOWS_PER_MINUTE)) for m in cfg.pool)
     concurrency = cfg.limits.concurrency * 60 / latency_s if latency_s else None
     plan = Duration(tpm, rpm, None, window_s, None, by_requests, None, None, 0.0, window_h, None, concurrency)
     if rows == 0:
         return replace(plan, fits_window=None if window_h is None else True)
     reserve = (prompt_tokens + max_tokens * rows) / rows
-    by_tokens = max(1, math.floor(tpm / WINDOWS_PER_MINUTE / reserve))  # a request larger goes alone
+    # a request larger than a window goes alone
+    by_tokens = sum(max(1, math.floor(m.tokens_per_minute / WINDOWS_PER_MINUTE / reserve)) for m in cfg.pool)
     rows_per_min = min(by_tokens, by_requests) * 60 / window_s
     duration_h = rows / rows_per_min / 60
     return replace(
@@ -286,6 +288,8 @@ def summarize(
         )
     latency_s = observed.mean_latency_s if observed else None
     live = costs(tally.prompt_tokens, rows, max_tokens, expected, price, batch=False)
+    batch = costs(tally.prompt_tokens, rows, max_tokens, expected, price, batch=True)
+    spent_as = batch if cfg.endpoint.mode == "batch" else live  # what the run's spend cap counts
     return Estimate(
         manifest,
         cfg.source,
@@ -297,10 +301,10 @@ def summarize(
         assumption,
         price,
         live,
-        costs(tally.prompt_tokens, rows, max_tokens, expected, price, batch=True),
+        batch,
         plan_duration(rows, tally.prompt_tokens, cfg, window_h=window_h, latency_s=latency_s),
         observed,
-        None if cfg.limits.max_cost_usd is None else fit_cap(cfg.limits.max_cost_usd, rows, live),
+        None if cfg.limits.max_cost_usd is None else fit_cap(cfg.limits.max_cost_usd, rows, spent_as),
         cfg.endpoint.mode,
     )
 

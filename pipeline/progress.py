@@ -113,6 +113,24 @@ def progress_lines(progress: RunProgress, pace: Pace) -> tuple[str, str]:
     return first, second
 
 
+def endpoint_lines(progress: RunProgress) -> list[str]:
+    """One line per endpoint of a pool (none for a single endpoint): requests, tokens/min against its
+    quota, 429s, its held time, and whether it is out. Pure."""
+    if len(progress.endpoints) < 2:
+        return []
+    minutes = max(progress.elapsed_s, 1e-9) / 60
+    lines = []
+    for e in progress.endpoints:
+        line = (
+            f"  {e.name}: {e.requests:,} requests · {count_text(e.charged_tokens / minutes)}/min of "
+            f"{count_text(e.tokens_per_minute)}/min quota · 429s {e.http_429s} (held {e.held_s:.1f} s)"
+        )
+        if e.out_because is not None:
+            line += " · out for the run"
+        lines.append(line)
+    return lines
+
+
 class LiveDisplay:
     """The two lines, redrawn in place on `console` (stderr by default) while the run goes on."""
 
@@ -140,7 +158,8 @@ class LiveDisplay:
             bar = ProgressBar(total=progress.rows_total or None, completed=done, width=BAR_WIDTH)
         line = Table.grid(padding=(0, 1))
         line.add_row(bar, Text(first))
-        self._live.update(Group(line, Text(second)), refresh=True)
+        endpoints = [Text(text) for text in endpoint_lines(progress)]
+        self._live.update(Group(line, Text(second), *endpoints), refresh=True)
 
 
 async def show_progress(

@@ -38,6 +38,7 @@ from pipeline.client import Client, endpoint_for
 from pipeline.config import RunConfig
 from pipeline.images import image_threads
 from pipeline.journal import Journal
+from pipeline.pool import Member, Pool
 from pipeline.pricing import Price
 from pipeline.records import (
     BudgetReached,
@@ -121,7 +122,7 @@ class CaptionWorker:
         self.setup = setup
         self.incarnation = uuid.uuid4().hex[:8]  # new each time Ray starts this actor
         self._captioner: Captioner | None = None
-        self._client: Client | None = None
+        self._client: Pool | None = None
         self._session: aiohttp.ClientSession | None = None
         self._slots: asyncio.Semaphore | None = None
         self._rows: set[asyncio.Task[None]] = set()
@@ -134,7 +135,7 @@ class CaptionWorker:
         """This incarnation's process id (the tests kill it)."""
         return os.getpid()
 
-    async def _ready(self) -> tuple[Captioner, Client, asyncio.Semaphore]:
+    async def _ready(self) -> tuple[Captioner, Pool, asyncio.Semaphore]:
         if self._captioner is None:
             setup, cfg = self.setup, self.setup.cfg
             structured = load_structured(cfg)
@@ -149,7 +150,9 @@ class CaptionWorker:
             connector = aiohttp.TCPConnector(limit=setup.concurrency)
             self._session = aiohttp.ClientSession(connector=connector)
             endpoint = endpoint_for(cfg.endpoint, setup.key)
-            self._client = Client(self._session, endpoint, limits, lim, random.Random(), budget)
+            client = Client(self._session, endpoint, limits, lim, budget)
+            member = Member(cfg.endpoint.name, client, lim.tokens_per_minute)
+            self._client = Pool([member], lim, random.Random(), budget)  # one endpoint: see runner.run
             pool = ThreadPoolExecutor(image_threads(cfg.images), thread_name_prefix="images")
             self._captioner = Captioner(
                 cfg,

@@ -131,6 +131,7 @@ class VisionResult:
     error_kind: ErrorKind | None = None  # set on every error row
     fields: Mapping[str, Any] | None = None  # structured answers: the schema's columns (structured.py)
     response_extra: str | None = None  # JSON of what the response held that no column models
+    endpoint: str | None = None  # the endpoint's name that answered (or last tried), None if never sent
     mode: Mode = "live"  # which transport answered: live requests or a Batch API job
 
 
@@ -143,6 +144,7 @@ class Delivery:
     http_status: int
     body: JsonObject
     attempts: int  # requests sent for the row, retries included
+    endpoint: str | None = None  # the name of the endpoint that answered (config: endpoint.name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,8 +154,24 @@ class TransportCounters:
     http_429s: int = 0
     retries_by_cause: Mapping[str, int] = field(default_factory=dict)  # see client.retry_cause
     pauses: int = 0  # 429 cool-downs
-    paused_s: float = 0.0  # time every worker was held by them
+    paused_s: float = 0.0  # time every endpoint was held at once (no worker could send)
     is_paused: bool = False
+    endpoints: tuple[EndpointCounters, ...] = ()  # per endpoint of the pool, in config order
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointCounters:
+    """What one endpoint of the pool has served and met so far."""
+
+    name: str
+    tokens_per_minute: int  # its quota
+    requests: int = 0  # attempts sent to it
+    charged_tokens: int = 0  # as its quota counts them: prompt tokens + max_tokens of each answer billed
+    http_429s: int = 0
+    pauses: int = 0  # 429 holds
+    held_s: float = 0.0  # time it admitted nothing after its 429s
+    breaker_trips: int = 0  # times 5xx, timeouts or connection failures took it out for a while
+    out_because: str | None = None  # why it was taken out for the run; None while it serves
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +199,7 @@ class RunProgress:
     invalid_output: int = 0  # structured answers that are not JSON, not valid, or cut at max_tokens
     spend_usd: float | None = None  # what the run's requests cost so far, as the spend cap counts it
     max_cost_usd: float | None = None  # the spend cap, when one is set
+    endpoints: tuple[EndpointCounters, ...] = ()  # per endpoint of the pool
 
     @property
     def rows_done(self) -> int:
@@ -250,8 +269,10 @@ class ApiError(RowError):
         code: str | None = None,
         retry_after_s: float | None = None,
         attempts: int = 0,
+        endpoint: str | None = None,
     ) -> None:
         RowError.__init__(self, row_id, message, kind=kind)
+        self.endpoint = endpoint  # the name of the endpoint of the last attempt
         self.status = status
         self.code = code
         self.retry_after_s = retry_after_s

@@ -11,8 +11,8 @@ Refusals, checked in this order, each a ``RowError`` of its own kind, found befo
 
 - ``too_many_images``: more images than the service takes in one request;
 - ``over_context``: the prompt and ``max_tokens`` together exceed the model's context;
-- ``over_budget``: the reservation (prompt + ``max_tokens``) is more than the minute's token budget, so
-  the limiter could never admit it.
+- ``over_budget``: the reservation (prompt + ``max_tokens``) is more than the minute's token budget (of
+  the largest endpoint of a pool), so no limiter could ever admit it.
 
 What the limiter reserves differs from what the service bills in one case only: an http(s) image sent
 as a URL is reserved at the most an image of its detail can cost, since the run never knows its size
@@ -55,6 +55,14 @@ class RequestPlan:
 def sends_model_in_body(provider: str) -> bool:
     """Whether the route takes the model in the body (OpenAI style) rather than in the URL (Azure)."""
     return provider == "openai"
+
+
+def body_for_endpoint(body: Mapping[str, Any], model_in_body: str | None) -> Mapping[str, Any]:
+    """`body` as one endpoint of a pool takes it: with `model_in_body` for an OpenAI-style route, without a
+    model for Azure (its URL names the deployment). The same mapping when nothing changes. Pure."""
+    if model_in_body is None:
+        return body if "model" not in body else {k: v for k, v in body.items() if k != "model"}
+    return body if body.get("model") == model_in_body else {**body, "model": model_in_body}
 
 
 def build_body(
@@ -119,12 +127,15 @@ def refusal_of(plan: RequestPlan, cfg: RunConfig) -> RowError | None:
             f"the {context:,}-token context of {cfg.endpoint.model}; not sent"
         )
         return RowError(row_id, reason, kind=ErrorKind.OVER_CONTEXT)
-    tokens_per_minute = cfg.limits.tokens_per_minute
+    tokens_per_minute = cfg.largest_tokens_per_minute  # a request must fit one endpoint's minute
     if plan.reserve_tokens > tokens_per_minute:
         prompt = plan.reserve_tokens - max_tokens
+        setting = (
+            "endpoints[].tokens_per_minute (the largest)" if cfg.endpoints else "limits.tokens_per_minute"
+        )
         reason = (
             f"needs {plan.reserve_tokens} tokens (prompt {prompt} + max_tokens {max_tokens}), more "
-            f"than limits.tokens_per_minute = {tokens_per_minute}; not sent"
+            f"than {setting} = {tokens_per_minute}; not sent"
         )
         return RowError(row_id, reason, kind=ErrorKind.OVER_BUDGET)
     return None

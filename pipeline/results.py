@@ -185,6 +185,7 @@ def answered_result(
         completion_filter=answer.completion_filter,
         attempts=delivery.attempts,
         http_status=delivery.http_status,
+        endpoint=delivery.endpoint,
         error=error,
         response_extra=answer.extra,
         fields=fields,
@@ -202,6 +203,7 @@ def failed_result(
         estimated_prompt_tokens=estimated,
         attempts=err.attempts if isinstance(err, ApiError) else 0,
         http_status=err.status if isinstance(err, ApiError) else None,
+        endpoint=err.endpoint if isinstance(err, ApiError) else None,
         error=str(err),
         error_kind=err.kind,
     )

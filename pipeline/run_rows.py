@@ -1,5 +1,6 @@
 """The rows a run sends, taken the same way by every engine (local, Ray, batch): the manifest streamed in a
-thread a batch at a time, committed ids and duplicates skipped, ``--limit`` kept; and how many are left.
+thread a batch at a time, committed ids and duplicates skipped, ``--limit`` kept; and how many are left
+when the spend cap stops a run (``budget_reached``: the one line every engine ends with).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from pipeline import checkpoint
 from pipeline.config import RunConfig
+from pipeline.exits import EXIT_BUDGET
 from pipeline.idset import IdSet
 from pipeline.manifest import Skipped, read_manifest
 from pipeline.records import ImageTask, ManifestError
@@ -62,3 +64,11 @@ def rows_left(cfg: RunConfig, manifest: Path, output: Path) -> int:
         if not isinstance(item, Skipped):
             seen.add(item.row_id)
     return len(seen)
+
+
+async def budget_reached(cfg: RunConfig, manifest: Path, output: Path, spent_usd: float) -> str:
+    """The spend cap's stop in one line, logged: what was spent and how many rows are left (every engine)."""
+    left = await asyncio.to_thread(rows_left, cfg, manifest, output)
+    because = f"budget reached: spent ${spent_usd:.4f} of ${cfg.limits.max_cost_usd:.4f}; {left} rows left for the next run"
+    log.warning("run stopped: %s", because, extra={"event": "run_stopped", "exit_code": EXIT_BUDGET})
+    return because

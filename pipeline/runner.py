@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
-import random
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,8 +24,8 @@ import aiohttp
 from pipeline import checkpoint
 from pipeline.budget import Budget
 from pipeline.captioner import Captioner
-from pipeline.client import Client, endpoint_for
-from pipeline.config import RunConfig, api_key
+from pipeline.client import sent_tracing
+from pipeline.config import RunConfig, api_key_of
 from pipeline.exits import (
     EXIT_BUDGET,
     EXIT_INTERRUPTED,
@@ -38,9 +36,9 @@ from pipeline.exits import (
 from pipeline.idset import IdSet
 from pipeline.images import image_threads, reuse_freed_image_memory
 from pipeline.journal import JOURNAL_DIR, Journal, Recovered, recover
-from pipeline.limits import Limits
 from pipeline.manifest import count_rows, manifest_base_dir, manifest_columns
 from pipeline.metrics import publish_metrics
+from pipeline.pool import open_pool
 from pipeline.pricing import Price, price_for_run
 from pipeline.progress import show_progress
 from pipeline.records import (
@@ -56,10 +54,18 @@ from pipeline.records import (
     VisionResult,
 )
 from pipeline.results import manifest_failure
-from pipeline.run_rows import rows_left, rows_to_send
+from pipeline.run_rows import budget_reached, rows_to_send
 from pipeline.sink import STATS_FILE, Sink, write_json_atomic
 from pipeline.structured import Structured, check_manifest_columns, load_structured
-from pipeline.summary import Outcome, RunSummary, Tally, latency_percentiles, summary_as_dict
+from pipeline.summary import (
+    Outcome,
+    RunSummary,
+    Tally,
+    describe_endpoints,
+    endpoint_stats,
+    latency_percentiles,
+    summary_as_dict,
+)
 from pipeline.tokens import load_encoding
 
 log = logging.getLogger(__name__)
@@ -93,11 +99,15 @@ async def run(cfg: RunConfig, options: RunOptions) -> RunSummary:
     structured = load_structured(cfg)  # a schema or a format the service would refuse stops us here
     if structured is not None:
         check_manifest_columns(structured, manifest_columns(options.manifest), cfg.source)
-    key = api_key(cfg)  # a missing key stops us before the output is touched
+    keys = {m.name: api_key_of(m.endpoint, cfg.source) for m in cfg.pool}  # a missing key stops us here
     if options.engine == "ray":
         if cfg.endpoint.mode == "batch":
             raise ConfigError(
                 f"{cfg.source}: endpoint.mode = 'batch' runs no workers; --engine ray is for live mode"
+            )
+        if len(cfg.pool) > 1:
+            raise ConfigError(
+                f"{cfg.source}: [[endpoints]]: --engine ray sends to one endpoint; run a pool with --engine local"
             )
         from pipeline.ray_cluster import import_ray
 
@@ -108,12 +118,16 @@ async def run(cfg: RunConfig, options: RunOptions) -> RunSummary:
         if cfg.endpoint.mode == "batch":
             from pipeline.batch.run import run_batch  # the Batch API transport (pipeline/batch/)
 
-            return await run_batch(cfg, options, key, price, structured)
-        return await _run_locked(cfg, options, key, price, structured)
+            return await run_batch(cfg, options, keys[cfg.endpoint.name], price, structured)
+        return await _run_locked(cfg, options, keys, price, structured)
 
 
 async def _run_locked(
-    cfg: RunConfig, options: RunOptions, key: str | None, price: Price | None, structured: Structured | None
+    cfg: RunConfig,
+    options: RunOptions,
+    keys: dict[str, str | None],
+    price: Price | None,
+    structured: Structured | None,
 ) -> RunSummary:
     loop = asyncio.get_running_loop()
     started_at, started = time.time(), loop.time()
@@ -135,28 +149,21 @@ async def _run_locked(
                "output": str(options.output), "committed": len(resume.skip), "retrying": resume.retrying},
     )  # fmt: skip
     async with contextlib.AsyncExitStack() as stack:
-        if cfg.endpoint.provider == "emulator":
-            cfg = await _start_emulator(cfg, key, stack)
+        if any(m.endpoint.provider == "emulator" for m in cfg.pool):
+            from pipeline.emulator.for_run import start_emulators  # only this provider needs the server
+
+            cfg = await start_emulators(cfg, keys, stack)
         if options.engine == "ray":
             from pipeline.ray_run import caption_on_ray  # the optional extra: imported when asked for
 
-            stages = await caption_on_ray(cfg, options, run_id, key, resume.skip, price)
+            stages = await caption_on_ray(cfg, options, run_id, keys[cfg.endpoint.name], resume.skip, price)
         else:
             stages = await _caption_locally(
-                cfg, options, (key, price, structured), resume.skip, run_id, stack, encoding_ready
+                cfg, options, (keys, price, structured), resume.skip, run_id, stack, encoding_ready
             )
     await encoding_ready  # done by now; a failure to build it is not left unseen
     if stages.stop_code == EXIT_BUDGET:
-        left = await asyncio.to_thread(rows_left, cfg, options.manifest, options.output)
-        stages.stopped_because = (
-            f"budget reached: spent ${stages.spent_usd:.4f} of ${cfg.limits.max_cost_usd:.4f}; "
-            f"{left} rows left for the next run"
-        )
-        log.warning(
-            "run stopped: %s",
-            stages.stopped_because,
-            extra={"event": "run_stopped", "exit_code": EXIT_BUDGET},
-        )
+        stages.stopped_because = await budget_reached(cfg, options.manifest, options.output, stages.spent_usd)
     counters = stages.counters
     if resume.retrying and stages.stop_code != EXIT_OUTPUT_FAILED:
         superseded = await asyncio.to_thread(checkpoint.compact, options.output)
@@ -186,6 +193,7 @@ async def _run_locked(
         recovered_rows=recovered.rows,
         recovered_cost_usd=recovered.cost_usd,
         max_cost_usd=cfg.limits.max_cost_usd,
+        endpoints=endpoint_stats(counters.endpoints, duration_s),
     )
     return await finish_run(summary)
 
@@ -199,6 +207,8 @@ async def finish_run(summary: RunSummary) -> RunSummary:
         summary.exit_code,
         extra={"event": "run_finished", **stats},
     )
+    for line in describe_endpoints(summary.endpoints):
+        log.info("%s", line, extra={"event": "endpoint_summary"})
     try:
         await asyncio.to_thread(write_json_atomic, summary.output / STATS_FILE, stats)
     except OSError as err:
@@ -233,19 +243,20 @@ async def open_run_output(
 async def _caption_locally(
     cfg: RunConfig,
     options: RunOptions,
-    request: tuple[str | None, Price | None, Structured | None],  # the key, the price, the answer format
+    request: tuple[dict[str, str | None], Price | None, Structured | None],  # keys by endpoint, price, format
     skip: IdSet,
     run_id: str,
     stack: contextlib.AsyncExitStack,
     encoding_ready: asyncio.Future[None],
 ) -> Outcome:
     """The local engine: the captioner in this process's loop (see the module docstring)."""
-    key, price, structured = request
-    limits = Limits(cfg.limits.tokens_per_minute, cfg.requests_per_minute)
+    keys, price, structured = request
     connector = aiohttp.TCPConnector(limit=cfg.limits.concurrency)
-    session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
+    session = await stack.enter_async_context(
+        aiohttp.ClientSession(connector=connector, trace_configs=[sent_tracing()])
+    )
     budget = Budget(cfg.limits.max_cost_usd, price)
-    client = Client(session, endpoint_for(cfg.endpoint, key), limits, cfg.limits, random.Random(), budget)
+    client = open_pool(cfg, keys, session, budget)
     reuse_freed_image_memory()
     image_pool = ThreadPoolExecutor(image_threads(cfg.images), thread_name_prefix="images")
     stack.callback(image_pool.shutdown, wait=True, cancel_futures=True)
@@ -272,24 +283,6 @@ def _price_or_none(cfg: RunConfig) -> Price | None:
     except ConfigError as err:
         log.warning("costs will not be computed: %s", err)
         return None
-
-
-async def _start_emulator(cfg: RunConfig, key: str | None, stack: contextlib.AsyncExitStack) -> RunConfig:
-    from pipeline.emulator import Emulator  # only this provider needs the server code
-
-    deployment = cfg.endpoint.deployment or "gpt-4-vision"
-    emulator = await stack.enter_async_context(
-        Emulator(
-            cfg.emulator,
-            api_key=key or "",
-            deployment=deployment,
-            model=cfg.endpoint.model,
-            keep_requests=False,
-        )
-    )
-    log.info("emulator listening on %s", emulator.url)
-    endpoint = dataclasses.replace(cfg.endpoint, url=emulator.url, deployment=deployment)
-    return dataclasses.replace(cfg, endpoint=endpoint)
 
 
 class _Stages:
@@ -454,6 +447,7 @@ class _Stages:
             tokens_per_minute=self.cfg.limits.tokens_per_minute,
             spend_usd=self.budget.spent_usd if self.captioner.price else None,
             max_cost_usd=self.budget.max_cost_usd,
+            endpoints=counters.endpoints,
         )
 
     async def count_total(self) -> None:

@@ -203,6 +203,17 @@ class SharedLimits(Limits):
         self._keeper.sent.remote(key, time.time())  # the client posts it as this returns
         return reservation
 
+    def offer(self, tokens: int, *, is_retry: bool = False) -> asyncio.Future[Reservation]:
+        """Queue one request at the keeper (``acquire``): a retry waits in the keeper's line as any request."""
+        return asyncio.ensure_future(self.acquire(tokens))
+
+    def withdraw(self, offered: asyncio.Future[Reservation]) -> None:
+        """Take an offer back: one still waiting is cancelled (its admission, if it comes, is given back)."""
+        if not offered.done():
+            offered.cancel()
+        elif not offered.cancelled() and offered.exception() is None:
+            self.settle(offered.result(), 0)
+
     def _give_back(self, key: int | None) -> None:
         if key is not None:
             self._keeper.settle.remote(key, 0)

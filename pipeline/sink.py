@@ -67,6 +67,9 @@ SCHEMA = pa.schema(
         pa.field("error_kind", pa.string()),  # records.ErrorKind, on every error row
         pa.field("response_extra", pa.string()),  # JSON: what the response held that no column models
         pa.field("run_id", pa.string()),
+        pa.field(
+            "endpoint", pa.string()
+        ),  # the name of the endpoint that answered; null before pools existed
         pa.field("mode", pa.string()),  # live | batch; null on rows of outputs made before the column
     ]
 )
@@ -138,6 +141,7 @@ def result_to_row(result: VisionResult, run_id: str) -> dict[str, Any]:
         "error_kind": None if result.error_kind is None else str(result.error_kind),
         "response_extra": result.response_extra,
         "run_id": run_id,
+        "endpoint": result.endpoint,
         "mode": result.mode,
     }
     if result.fields is not None:  # a structured answer's columns (structured.py); checked not to collide

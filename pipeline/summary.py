@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.exits import EXIT_OK, EXIT_ROW_ERRORS
-from pipeline.records import FAILED_STATUSES, TransportCounters, VisionResult
+from pipeline.records import FAILED_STATUSES, EndpointCounters, TransportCounters, VisionResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +40,13 @@ class RunSummary:
     max_cost_usd: float | None = None  # the spend cap, when one was set
     recovered_rows: int = 0  # rows a killed run had paid for, committed from its journal before this run
     recovered_cost_usd: float = 0.0  # their cost: spent by that run, not counted against this run's cap
+    # per endpoint name: requests, charged tokens and tokens/min against its quota, 429s, held time, trips
+    endpoints: dict[str, dict[str, object]] = field(default_factory=dict)
+    # batch mode: the part of spend_usd billed for lines an earlier run submitted and this run collected
+    spend_of_earlier_runs_usd: float | None = None
+    held_usd: float | None = (
+        None  # batch mode: worst cases of lines still in live jobs at the end (--no-wait)
+    )
 
     @property
     def rows(self) -> int:
@@ -86,6 +93,41 @@ def latency_percentiles(latencies_s: Sequence[float]) -> dict[str, float]:
         high = min(low + 1, len(ordered) - 1)
         percentiles[f"p{q}"] = round(ordered[low] + (ordered[high] - ordered[low]) * (position - low), 4)
     return percentiles
+
+
+def endpoint_stats(counters: Sequence[EndpointCounters], duration_s: float) -> dict[str, dict[str, object]]:
+    """Each endpoint's figures as ``_stats.json`` holds them; tokens per minute over the run's duration."""
+    minutes = duration_s / 60
+    return {
+        e.name: {
+            "requests": e.requests,
+            "charged_tokens": e.charged_tokens,
+            "tokens_per_min": round(e.charged_tokens / minutes, 1) if minutes > 0 else 0.0,
+            "tokens_per_minute_quota": e.tokens_per_minute,
+            "http_429s": e.http_429s,
+            "pauses": e.pauses,
+            "held_s": e.held_s,
+            "breaker_trips": e.breaker_trips,
+            "out_because": e.out_because,
+        }
+        for e in counters
+    }
+
+
+def describe_endpoints(endpoints: dict[str, dict[str, object]]) -> list[str]:
+    """One line per endpoint for the log and the summary: requests, tokens/min against quota, 429s, holds."""
+    lines = []
+    for name, e in endpoints.items():
+        line = (
+            f"endpoint {name}: {e['requests']} requests, {e['tokens_per_min']:,.0f} tokens/min of "
+            f"{e['tokens_per_minute_quota']:,} quota, {e['http_429s']} answers 429, held {e['held_s']:.1f} s"
+        )
+        if e["breaker_trips"]:
+            line += f", out a while {e['breaker_trips']} times after failures"
+        if e["out_because"]:
+            line += f"; out for the run: {e['out_because']}"
+        lines.append(line)
+    return lines
 
 
 def summary_as_dict(summary: RunSummary) -> dict[str, object]:

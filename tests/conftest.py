@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import dataclasses
 import json
@@ -135,3 +136,51 @@ def azure_config(emulator: Emulator, **sections: dict[str, Any]) -> RunConfig:
 
 def with_limits(cfg: RunConfig, **values: Any) -> RunConfig:
     return dataclasses.replace(cfg, limits=dataclasses.replace(cfg.limits, **values))
+
+
+POOL_QUOTAS_TPM = (6_000_000, 12_000_000, 18_000_000)  # three quotas no test run comes near
+POOL_NAMES = ("eastus", "westus", "sweden")
+
+
+@pytest.fixture
+async def emulator_pool() -> AsyncIterator[list[Emulator]]:
+    """Three emulators of one deployment, each with its own quota (as three Azure regions would be)."""
+    async with contextlib.AsyncExitStack() as stack:
+        emulators = [
+            await stack.enter_async_context(
+                Emulator(
+                    EmulatorConfig(tokens_per_minute=tpm, latency_s=0.05),
+                    api_key=TEST_KEY,
+                    deployment="vision",
+                    model="gpt-4-turbo",
+                )
+            )
+            for tpm in POOL_QUOTAS_TPM
+        ]
+        yield emulators
+
+
+def pool_config(emulators: Sequence[Emulator], **sections: dict[str, Any]) -> RunConfig:
+    """A config whose [[endpoints]] are the running `emulators` (named POOL_NAMES), with fast retries;
+    `sections` override, and `endpoints=[{...}, ...]` overrides each endpoint's keys."""
+    overrides = sections.pop("endpoints", [{}] * len(emulators))
+    endpoints = [
+        {
+            "name": POOL_NAMES[n],
+            "provider": "azure",
+            "url": emu.url,
+            "deployment": "vision",
+            "api_key_env": KEY_ENV,
+            "tokens_per_minute": POOL_QUOTAS_TPM[n],
+            **overrides[n],
+        }
+        for n, emu in enumerate(emulators)
+    ]
+    raw: dict[str, Any] = {
+        "endpoints": endpoints,
+        "limits": {"concurrency": 6, "backoff_initial_s": 0.0, "max_attempts": 3},
+        "output": {"rows_per_part": 4},
+    }
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return config_from_mapping(raw, source="pool.toml")

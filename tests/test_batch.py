@@ -19,8 +19,8 @@ from pipeline.emulator import FILTER_MARKER, Emulator
 from pipeline.emulator.batches import BatchScript
 from pipeline.estimate import EstimateOptions, estimate
 from pipeline.estimate_text import estimate_as_json, format_estimate
-from pipeline.exits import EXIT_OK, EXIT_ROW_ERRORS, EXIT_USAGE
-from pipeline.pricing import price_for_run, usage_cost_usd
+from pipeline.exits import EXIT_BUDGET, EXIT_OK, EXIT_ROW_ERRORS, EXIT_USAGE
+from pipeline.pricing import cost_usd, price_for_run, usage_cost_usd
 from pipeline.records import ConfigError, Usage
 from pipeline.runner import RunOptions, run
 from pipeline.status import format_status, read_status
@@ -360,3 +360,156 @@ async def test_the_batches_cancel_command_cancels_the_outputs_running_jobs(
     (job,) = batch_emulator.batches.batches.values()
     assert process.returncode == 0 and f"{job['id']}: cancelling" in stdout.decode()
     assert job["status"] in ("cancelling", "cancelled")
+
+
+# ---- the spend cap ---------------------------------------------------------------------------------------
+
+
+def emulator_bill_usd(emulator: Emulator, cfg: RunConfig) -> float:
+    """What the emulator billed across every batch line it answered, at the batch price."""
+    stats = emulator.batches.stats
+    return cost_usd(stats.prompt_tokens, stats.completion_tokens, price_for_run(cfg), batch=True)
+
+
+def line_worst_usd(output: Path, cfg: RunConfig) -> float:
+    """One line's worst case at the batch price (every test row has the same estimated prompt tokens)."""
+    tokens = {r["estimated_prompt_tokens"] for r in rows_by_id(output).values()}
+    assert len(tokens) == 1
+    return cost_usd(tokens.pop(), cfg.request.max_tokens, price_for_run(cfg), batch=True)
+
+
+async def test_a_spend_cap_submits_only_the_rows_that_fit_commits_them_and_exits_5_naming_the_rows_left(
+    tmp_path, batch_emulator, key_in_env
+):
+    manifest = manifest_of(tmp_path, 8)
+    cap = 0.0045  # two lines' worst case (~$0.00185 each at half price), about five lines' bill
+    cfg = batch_config(batch_emulator, limits={"max_cost_usd": cap})
+
+    summary = await run(cfg, options(tmp_path, manifest))
+
+    rows, bill = rows_by_id(tmp_path / "out"), emulator_bill_usd(batch_emulator, cfg)
+    assert summary.exit_code == EXIT_BUDGET and 0 < len(rows) < 8
+    assert set(batch_emulator.batches.stats.billed) == set(rows)  # only committed rows were submitted
+    assert bill <= cap and bill > cap - line_worst_usd(tmp_path / "out", cfg)
+    assert summary.stopped_because == (
+        f"budget reached: spent ${summary.spend_usd:.4f} of ${cap:.4f}; {8 - len(rows)} rows left for the next run"
+    )
+    stats = json.loads((tmp_path / "out" / "_stats.json").read_text())
+    assert stats["max_cost_usd"] == cap and stats["spend_usd"] == pytest.approx(bill, abs=1e-6)
+    assert stats["stopped_because"] == summary.stopped_because and stats["exit_code"] == EXIT_BUDGET
+
+
+async def test_a_rerun_with_a_higher_cap_finishes_the_rest_without_sending_any_row_again(
+    tmp_path, batch_emulator, key_in_env
+):
+    manifest = manifest_of(tmp_path, 8)
+    low = batch_config(batch_emulator, limits={"max_cost_usd": 0.0045})
+    first = await run(low, options(tmp_path, manifest))
+    first_bill = emulator_bill_usd(batch_emulator, low)
+
+    second = await run(
+        batch_config(batch_emulator, limits={"max_cost_usd": 0.05}), options(tmp_path, manifest)
+    )
+
+    assert first.exit_code == EXIT_BUDGET and second.exit_code == EXIT_OK
+    assert (
+        second.skipped == first.rows
+        and second.rows == 8 - first.rows
+        and len(rows_by_id(tmp_path / "out")) == 8
+    )
+    billed = batch_emulator.batches.stats.billed
+    assert len(billed) == 8 and set(billed.values()) == {1}  # no row answered (paid) twice
+    assert second.spend_usd == pytest.approx(emulator_bill_usd(batch_emulator, low) - first_bill, abs=1e-6)
+
+
+async def test_rows_an_expired_batch_left_over_are_submitted_again_within_the_cap(
+    tmp_path, batch_emulator, key_in_env
+):
+    """Expired lines are not billed: their holds are freed, and the resubmission holds again."""
+    manifest = manifest_of(tmp_path, 8)
+    batch_emulator.batches.scripts.append(BatchScript(expire_after_lines=1))
+    cap = 0.0045
+    cfg = batch_config(batch_emulator, limits={"max_cost_usd": cap})
+
+    summary = await run(cfg, options(tmp_path, manifest))
+
+    assert summary.exit_code == EXIT_BUDGET and emulator_bill_usd(batch_emulator, cfg) <= cap
+    assert set(batch_emulator.batches.stats.billed.values()) == {1}
+    collected = [r for r in read_records(tmp_path / "out" / LEDGER_FILE) if r["event"] == "collected"]
+    assert collected[0]["status"] == "expired" and collected[0]["left"] >= 1
+    assert summary.rows > collected[0]["committed"]  # its left-over rows went again, under the cap
+
+
+async def test_jobs_an_earlier_run_left_running_count_against_the_cap_of_the_run_that_collects_them(
+    tmp_path, key_in_env
+):
+    """Their worst case is held until they are collected, and their bill is this run's spend."""
+    manifest = manifest_of(tmp_path, 10)
+    async with Emulator(EmulatorConfig(batch_delay_s=0.3), api_key=TEST_KEY, model="gpt-4o") as emu:
+        await run(batch_config(emu), options(tmp_path, manifest, no_wait=True, limit=3))
+        cap = 0.006  # the three earlier lines' worst case (~$0.0056) leaves no room for a fourth
+        cfg = batch_config(emu, limits={"max_cost_usd": cap})
+
+        summary = await run(cfg, options(tmp_path, manifest))
+
+    bill, records = emulator_bill_usd(emu, cfg), list(read_records(tmp_path / "out" / LEDGER_FILE))
+    events = [r["event"] for r in records]
+    assert summary.exit_code == EXIT_BUDGET and 3 < len(rows_by_id(tmp_path / "out")) < 10
+    assert events.index("collected") < events.index("packed", events.index("created") + 1)  # waited for room
+    assert summary.spend_usd == pytest.approx(bill, abs=1e-6) and bill <= cap
+    earlier = [r for r in rows_by_id(tmp_path / "out").values() if r["id"] in {"row-0", "row-1", "row-2"}]
+    assert summary.spend_of_earlier_runs_usd == pytest.approx(sum(r["cost_usd"] for r in earlier), abs=1e-6)
+    assert set(emu.batches.stats.billed.values()) == {1}
+
+
+async def test_a_no_wait_run_under_a_cap_submits_what_fits_and_says_what_it_holds(
+    tmp_path, batch_emulator, key_in_env
+):
+    manifest = manifest_of(tmp_path, 8)
+    cfg = batch_config(batch_emulator, limits={"max_cost_usd": 0.0045})  # two lines' worst case
+
+    summary = await run(cfg, options(tmp_path, manifest, no_wait=True))
+
+    (job,) = batch_emulator.batches.batches.values()
+    stats = json.loads((tmp_path / "out" / "_stats.json").read_text())
+    assert summary.exit_code == EXIT_OK and job["request_counts"]["total"] == 2
+    assert f"holding ${stats['held_usd']:.4f} of the spend cap" in (summary.stopped_because or "")
+    assert "did not fit the spend cap" in (summary.stopped_because or "") and stats["spend_usd"] == 0
+
+
+async def test_the_estimate_of_a_capped_batch_config_fits_rows_at_the_batch_price(tmp_path, batch_emulator):
+    manifest, cap = manifest_of(tmp_path, 8), 0.0045
+    live = batch_config(batch_emulator, endpoint={"mode": "live"}, limits={"max_cost_usd": cap})
+
+    in_batch = await estimate(
+        batch_config(batch_emulator, limits={"max_cost_usd": cap}), EstimateOptions(manifest)
+    )
+    in_live = await estimate(live, EstimateOptions(manifest))
+
+    assert in_batch.cap is not None and in_live.cap is not None
+    assert in_batch.cap.rows_within_at_most == 2 and in_live.cap.rows_within_at_most == 1
+    assert in_batch.cap.rows_within_expected > in_live.cap.rows_within_expected
+
+
+@pytest.mark.parametrize(
+    ("model", "flag", "says"),
+    [("gpt-4o", "0", "--max-cost"), ("gpt-4o", "-1", "--max-cost"), ("llava-1.5", "5", "prices.toml")],
+)
+async def test_a_cap_of_zero_or_below_or_for_an_unpriced_model_is_exit_2_in_batch_mode(
+    tmp_path, batch_emulator, model, flag, says
+):
+    manifest, config = manifest_of(tmp_path, 2), tmp_path / "batch.toml"
+    config.write_text(
+        f'[endpoint]\nprovider = "openai"\nurl = "{batch_emulator.url}/v1"\napi_key_env = "{KEY_ENV}"\n'
+        f'model = "{model}"\nmode = "batch"\n'
+    )
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pipeline", "run", str(config), "--manifest", str(manifest),
+        "--output", str(tmp_path / "out"), f"--max-cost={flag}", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, cwd=ROOT, env={"PATH": "/usr/bin", KEY_ENV: TEST_KEY},
+    )  # fmt: skip
+    stdout, _ = await process.communicate()
+
+    assert process.returncode == EXIT_USAGE and says in stdout.decode()
+    assert batch_emulator.batches.files == {}

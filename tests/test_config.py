@@ -8,7 +8,9 @@ from pipeline.records import ConfigError
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["emulator.toml", "azure.toml", "openai.toml", "vllm.toml"])
+@pytest.mark.parametrize(
+    "name", ["emulator.toml", "azure.toml", "azure-pool.toml", "openai.toml", "vllm.toml"]
+)
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / name, environ={})
 

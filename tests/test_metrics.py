@@ -113,3 +113,22 @@ async def test_an_unwritable_metrics_file_is_reported_and_the_run_goes_on(
 
     assert summary.exit_code == 0 and summary.counts["ok"] == 2
     assert "cannot write the metrics file" in caplog.text
+
+
+def test_a_pool_publishes_each_endpoints_figures_labelled_by_name():
+    from pipeline.records import EndpointCounters
+
+    pool = dataclasses.replace(
+        PROGRESS,
+        endpoints=(
+            EndpointCounters("eastus", 450_000, requests=9, charged_tokens=3_600, http_429s=1, held_s=2.5),
+            EndpointCounters("sweden", 150_000, requests=2, out_because="HTTP 401"),
+        ),
+    )
+
+    values = samples(render_textfile(pool))
+
+    assert values['vision_pipeline_endpoint_requests_total{endpoint="eastus"}'] == 9
+    assert values['vision_pipeline_endpoint_held_seconds_total{endpoint="eastus"}'] == 2.5
+    assert values['vision_pipeline_endpoint_quota_tokens_per_minute{endpoint="sweden"}'] == 150_000
+    assert values['vision_pipeline_endpoint_in_service{endpoint="sweden"}'] == 0

@@ -127,3 +127,25 @@ async def test_a_run_with_progress_counts_the_manifest_and_shows_its_total(
     err = capsys.readouterr().err
     assert summary.counts["ok"] == 5
     assert "5 / 5 rows (100 %)" in err and "errors 0" in err
+
+
+def test_a_pool_shows_a_line_per_endpoint_with_its_rate_against_its_quota():
+    from pipeline.progress import endpoint_lines
+    from pipeline.records import EndpointCounters
+
+    pool = later(
+        START,
+        elapsed_s=60.0,
+        endpoints=(
+            EndpointCounters(
+                "eastus", 450_000, requests=100, charged_tokens=400_000, http_429s=2, held_s=2.5
+            ),
+            EndpointCounters("sweden", 150_000, requests=10, out_because="HTTP 401: refused"),
+        ),
+    )
+
+    lines = endpoint_lines(pool)
+
+    assert lines[0] == "  eastus: 100 requests · 400.0k/min of 450.0k/min quota · 429s 2 (held 2.5 s)"
+    assert lines[1].startswith("  sweden: 10 requests") and lines[1].endswith("out for the run")
+    assert endpoint_lines(START) == []  # one endpoint: the run's own line says it all

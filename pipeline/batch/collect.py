@@ -11,8 +11,10 @@ Line shapes (OpenAI's Batch API reference; Azure's are the same):
 Each row gets one outcome, the first line naming it: a result (ok, filtered, or an error row with the
 line's code), or *left over* when the job ran out before answering it (``batch_expired``,
 ``batch_cancelled``, ``request_timeout``) or no line names it at all. Left-over rows stay uncommitted,
-to be submitted again. Costs are at the batch price (``pricing.cost_usd(batch=True)``). Blocking: read the
-files in a thread.
+to be submitted again. Costs are at the batch price (``pricing.cost_usd(batch=True)``). A left-over row
+no line names, or named by a line that is neither an answer nor an error, may have been billed: it is
+listed in ``unknown_cost`` too, for the spend cap to keep its whole worst case. Blocking: read the files in
+a thread.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Collected:
 
     results: list[VisionResult] = field(default_factory=list)
     left: list[str] = field(default_factory=list)  # row ids
+    unknown_cost: list[str] = field(default_factory=list)  # left-over row ids the service may have billed
     unknown_lines: int = 0  # lines naming a custom_id this file never held (logged)
 
 
@@ -70,9 +73,13 @@ def collect_files(
         result = line_result(line, row, cfg, price, structured)
         if result is None:
             collected.left.append(row.task.row_id)
+            if left_over_code(line) is None:
+                collected.unknown_cost.append(row.task.row_id)
         else:
             collected.results.append(dataclasses.replace(result, finished_at=finished_at))
-    collected.left += [row.task.row_id for cid, row in rows.items() if cid not in seen]
+    missing = [row.task.row_id for cid, row in rows.items() if cid not in seen]
+    collected.left += missing
+    collected.unknown_cost += missing
     if collected.unknown_lines:
         log.warning("%d lines named a custom_id that this batch never held; ignored", collected.unknown_lines)
     return collected
@@ -88,15 +95,15 @@ def line_result(
     """One line's result, or None when its row is left over for another submission. Pure."""
     task, estimated = row.task, row.estimated_prompt_tokens
     error, response = line.get("error"), line.get("response")
+    if left_over_code(line) is not None:
+        return None
     if isinstance(error, Mapping):
         code = str(error.get("code") or "unknown")
-        if code in LEFT_OVER_CODES:
-            return None
         reason = f"row {task.row_id!r}: batch line failed: {code}: {error_message({'error': error}, code)}"
         err = ApiError(
             task.row_id, reason, status=None, kind=ErrorKind.BATCH_LINE_FAILED, code=code, attempts=1
         )
-        return _batch(failed_result(task, err, cfg, estimated))
+        return _batch(failed_result(task, err, cfg, estimated), cfg)
     if not isinstance(response, Mapping):
         return None  # neither an answer nor an error: treat as never answered
     status, body = int(response.get("status_code") or 0), response.get("body")
@@ -110,18 +117,29 @@ def line_result(
             if usage and price
             else None
         )
-        return _batch(dataclasses.replace(result, cost_usd=cost))
+        return _batch(dataclasses.replace(result, cost_usd=cost), cfg)
     body_code = error_code(body)
-    if body_code in LEFT_OVER_CODES:
-        return None
     reason = f"row {task.row_id!r}: HTTP {status} {body_code or ''}: {error_message(body, f'HTTP {status}')}"
     kind = ErrorKind.HTTP_4XX if 400 <= status < 500 else ErrorKind.BATCH_LINE_FAILED
     err = ApiError(task.row_id, reason, status=status, kind=kind, code=body_code, attempts=1)
-    return _batch(failed_result(task, err, cfg, estimated))
+    return _batch(failed_result(task, err, cfg, estimated), cfg)
 
 
-def _batch(result: VisionResult) -> VisionResult:
-    return dataclasses.replace(result, mode="batch")
+def left_over_code(line: Mapping[str, Any]) -> str | None:
+    """The line's code when it says the job ran out before answering (``LEFT_OVER_CODES``), else None. Pure."""
+    error, response = line.get("error"), line.get("response")
+    if isinstance(error, Mapping):
+        code = str(error.get("code") or "")
+    elif isinstance(response, Mapping) and isinstance(response.get("body"), Mapping):
+        code = error_code(response["body"]) or ""
+    else:
+        return None
+    return code if code in LEFT_OVER_CODES else None
+
+
+def _batch(result: VisionResult, cfg: RunConfig) -> VisionResult:
+    """A result of a line the service answered: by the Batch API, at the run's one endpoint."""
+    return dataclasses.replace(result, mode="batch", endpoint=cfg.endpoint.name)
 
 
 def _lines(files: list[Path]) -> Iterator[Mapping[str, Any]]:

@@ -3,11 +3,17 @@
 ``BatchEngine.run`` is the work of a batch run (``run.run_batch`` opens the output and wires it). In
 order: settle the ledger (a job whose ``created`` line a kill
 cut off is found by listing the service's batches and matching its input file); collect every job
-that ended; then, up to ``batch.max_rounds`` times, plan the rows neither committed nor held by a job
+that ended; then, in rounds, plan the rows neither committed nor held by a job
 (``ledger.LedgerState.held_row_ids``) with the same request plan as live mode, pack, upload, create,
 poll every ``batch.poll_s`` and collect each job as it ends. Rows a job left over (expired, cancelled,
-timed out, missing) are planned again in the next round; those still left after the last are named in
-one line. ``--no-wait`` stops after creating the jobs: a later run collects them.
+timed out, missing) are planned again in the next round, each submitted at most ``batch.max_rounds``
+times in a run; those still left are named in one line. ``--no-wait`` stops after creating the jobs: a
+later run collects them.
+
+The spend cap (``spend.py``): lines of live jobs are held from the start, each new line is packed only if
+its worst case fits, and collecting a job settles its lines to their bill. A round that stopped at the cap
+is followed by another once its jobs are collected; when a round can pack nothing and no job is live, the
+cap is reached (``is_cap_reached``: exit 5).
 
 Exactly once: an answer is committed only for a row whose id is not committed, each job's files are
 collected once (``collected`` in the ledger after the sink's flush; a kill in between re-reads the files
@@ -41,6 +47,7 @@ from pipeline.batch.ledger import (
 )
 from pipeline.batch.lines import PackedFile, line_url
 from pipeline.batch.planner import Planner
+from pipeline.batch.spend import BatchSpend
 from pipeline.client import backoff_s
 from pipeline.config import RunConfig
 from pipeline.idset import IdSet
@@ -84,7 +91,10 @@ class BatchEngine:
         self.committed: set[str] = set()  # ids committed by this run
         self.left: set[str] = set()  # ids a job of this run's rounds left over
         self.not_again: set[str] = set()  # ids of a job the service refused whole: for a later run
+        self.submissions = Counter[str]()  # row id → times this run packed it
         self.tally = Tally()
+        self.spend = BatchSpend(cfg.limits.max_cost_usd, price, cfg.request.max_tokens)
+        self.is_cap_reached = False
         self.stopped_because: str | None = None
         self.quota_attempt = 0
         self.quota_retry_at = 0.0  # loop time before which no job is created (token_limit_exceeded)
@@ -105,24 +115,38 @@ class BatchEngine:
             prior=self.prior,
             commit=self.commit,
             is_committed=self.committed.__contains__,
+            admit=self.spend.try_hold,
             tally=self.tally,
         )
         await self.adopt_orphans()
+        self.hold_earlier()
         await self.refresh()  # jobs of earlier runs that ended: collected before anything is planned
-        for round_no in range(1, self.cfg.batch.max_rounds + 1):
+        round_no = 0
+        while True:
+            round_no += 1
             state = self.ledger.state
-            held = state.held_row_ids() | self.not_again
-            files = await planner.plan_and_pack(held, state.next_file_no(), first_round=round_no == 1)
+            excluded = state.held_row_ids() | self.not_again | self.tried_out()
+            files = await planner.plan_and_pack(excluded, state.next_file_no(), first_round=round_no == 1)
             await self.sink.flush()  # rows that failed planning
             for packed in files:
+                self.submissions.update(row.task.row_id for row in packed.rows)
                 await self.upload(packed)
                 await self.create_waiting()  # its job starts while the next file uploads
+            state = self.ledger.state
+            if planner.is_cap_full and not files and not (state.uncollected() or state.waiting_files()):
+                self.is_cap_reached = True  # nothing fits and no job is left to make room
+                return
             if self.options.no_wait:
-                waiting = self.ledger.state.waiting_files()
-                live = self.ledger.state.uncollected()
+                waiting, live = state.waiting_files(), state.uncollected()
+                held = f", holding ${self.spend.held_usd:.4f} of the spend cap" if self.spend.held_usd else ""
+                wait = (
+                    "; rows that did not fit the spend cap wait for a later run"
+                    if planner.is_cap_full
+                    else ""
+                )
                 self.stopped_because = (
-                    f"--no-wait: {len(live)} batch jobs running, {len(waiting)} files waiting for quota; "
-                    "a later run collects them"
+                    f"--no-wait: {len(live)} batch jobs running, {len(waiting)} files waiting for quota{held}; "
+                    f"a later run collects them{wait}"
                 )
                 log.info(
                     "submitted; %d jobs running, %d files waiting for quota: a later run collects",
@@ -131,16 +155,38 @@ class BatchEngine:
                 )
                 return
             await self.drive()
-            if not (self.left - self.committed - self.not_again):
+            again = self.left - self.committed - self.not_again - self.tried_out()
+            if not again and not planner.is_cap_full:
                 break
-            if round_no < self.cfg.batch.max_rounds:
-                log.info("round %d: %d rows left over; submitting them again", round_no, len(self.left))
+            if again:
+                log.info("round %d: %d rows left over; submitting them again", round_no, len(again))
+            else:
+                log.info(
+                    "round %d: jobs collected; planning the rows that did not fit the spend cap", round_no
+                )
         still = self.left - self.committed
         if still:
             self.stopped_because = f"{len(still)} rows left for the next run"
             log.warning("%s (batches expired, were cancelled or refused)", self.stopped_because)
 
     # ---- planning ------------------------------------------------------------------------------------
+
+    def tried_out(self) -> set[str]:
+        """Rows this run submitted ``batch.max_rounds`` times: left for the next run."""
+        return {row_id for row_id, n in self.submissions.items() if n >= self.cfg.batch.max_rounds}
+
+    def hold_earlier(self) -> None:
+        """Hold the worst case of every line an earlier run left in a live job or a waiting file."""
+        state = self.ledger.state
+        for entry in state.files.values():
+            if state.is_holding(entry):
+                self.spend.hold_earlier(r for r in entry.rows if r.task.row_id not in self.prior)
+        if self.spend.held_usd and self.cfg.limits.max_cost_usd is not None:
+            log.info(
+                "jobs submitted by an earlier run hold $%.4f of the $%.4f spend cap until collected",
+                self.spend.held_usd,
+                self.cfg.limits.max_cost_usd,
+            )
 
     async def commit(self, result: VisionResult) -> None:
         result = dataclasses.replace(result, mode="batch")
@@ -210,6 +256,8 @@ class BatchEngine:
             await asyncio.to_thread(
                 self.ledger.append, {"event": "dropped", "file_no": entry.file_no, "why": str(err)}
             )
+            for row in entry.rows:
+                self.spend.settle(row.task.row_id, 0.0)  # never a job: nothing billed
             self.not_again.update(row.task.row_id for row in entry.rows)
             self.left.update(row.task.row_id for row in entry.rows)
             return
@@ -357,6 +405,10 @@ class BatchEngine:
         )
         for result in collected.results:
             await self.commit(result)
+        self.spend.settle_results(collected.results)
+        unknown = set(collected.unknown_cost) if status != "failed" else set()  # failed validation: unbilled
+        for row_id in collected.left:
+            self.spend.settle(row_id, None if row_id in unknown else 0.0)
         await self.sink.flush()
         await asyncio.to_thread(
             self.ledger.append,

@@ -3,7 +3,10 @@
 Rows are streamed from the manifest (skipping committed and held ids), their images prepared by the
 captioner's preparation (``captioner.prepare_images``: the same data URLs a live run sends) in
 ``limits.concurrency`` workers, planned by ``request.plan_request``, and their lines packed by
-``lines.Packer``. A row that fails here (its image, a refusal of the plan, a line larger than a file
+``lines.Packer``. A line goes into a file only if the spend cap has room for its worst case (``admit``,
+``spend.BatchSpend.try_hold``); from the first that does not fit, the round plans no more rows (as live
+mode starts no request after one that waits for the cap), and those rows stay for a later round or
+run. A row that fails here (its image, a refusal of the plan, a line larger than a file
 may be) is committed as an error row, as live mode would. With Azure, a GPT-4 Turbo model and a row
 with images stop the run before anything is uploaded: Global Batch serves images from gpt-4o on.
 """
@@ -53,6 +56,7 @@ class Planner:
         prior: IdSet,
         commit: Callable[[VisionResult], Awaitable[None]],
         is_committed: Callable[[str], bool],  # by this run
+        admit: Callable[[PackedRow], bool],  # holds the line's worst case under the spend cap, if it fits
         tally: Tally,
     ) -> None:
         self.cfg, self.options, self.folder, self.pool, self.structured = (
@@ -62,7 +66,8 @@ class Planner:
             pool,
             structured,
         )
-        self.commit, self.is_committed, self.tally = commit, is_committed, tally
+        self.commit, self.is_committed, self.admit, self.tally = commit, is_committed, admit, tally
+        self.is_cap_full = False  # a line of the last round did not fit under the spend cap
         self.prior = prior  # ids committed before this run
         self.base_dir = manifest_base_dir(options.manifest)  # relative image paths start here
 
@@ -71,7 +76,9 @@ class Planner:
     ) -> list[PackedFile]:
         """Plan every row neither committed nor `held` into closed files on disk, numbered from
         `first_file_no`; rows that fail are committed as errors. Counts skipped and duplicate rows in the
-        first round only (later rounds read the manifest again for the rows left over)."""
+        first round only (later rounds read the manifest again for the rows left over). Sets
+        ``is_cap_full`` when a line did not fit under the spend cap (its row and the rest wait)."""
+        self.is_cap_full = False
         packer = Packer(self.folder, first_file_no, self.cfg.batch)
         closed: list[PackedFile] = []
         taken: set[str] = set()
@@ -82,7 +89,7 @@ class Planner:
         async def produce() -> None:
             limit = self.options.limit
             async for item in stream_manifest(self.options.manifest, self.cfg, self.prior):
-                if limit is not None and len(taken) >= limit:
+                if (limit is not None and len(taken) >= limit) or self.is_cap_full:
                     break
                 if isinstance(item, Skipped):  # committed by an earlier run: "already done"
                     self.tally.skipped += item.rows * int(first_round)
@@ -112,6 +119,9 @@ class Planner:
                     await self.commit(failed_result(task, refusal, self.cfg, row.estimated_prompt_tokens))
                     continue
                 async with lock:
+                    if self.is_cap_full or not self.admit(row):
+                        self.is_cap_full = True  # this row and those after it wait for room
+                        continue
                     if (full := await asyncio.to_thread(packer.add, line, row)) is not None:
                         closed.append(full)
 

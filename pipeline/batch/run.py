@@ -2,7 +2,8 @@
 
 ``run_batch`` is what ``runner.run`` calls for ``endpoint.mode = "batch"``, inside the output lock; the
 work itself is ``engine.BatchEngine``. SIGINT/SIGTERM stop the engine where it is (exit 130): jobs already
-created keep running at the service, and the next run collects them.
+created keep running at the service, and the next run collects them. A spend cap reached (``spend.py``)
+ends the run with exit 5 and live mode's message.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from pipeline import checkpoint
 from pipeline.batch.api import BatchApi, surface_for
 from pipeline.batch.engine import BatchEngine
 from pipeline.config import RunConfig
-from pipeline.exits import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROW_ERRORS
+from pipeline.exits import EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_OK, EXIT_ROW_ERRORS
 from pipeline.images import image_threads
 from pipeline.pricing import Price
 from pipeline.records import FAILED_STATUSES, STATUSES, TEXT_STATUSES, ConfigError
-from pipeline.runner import RunOptions, _start_emulator, finish_run, open_run_output
+from pipeline.run_rows import budget_reached
+from pipeline.runner import RunOptions, finish_run, open_run_output
 from pipeline.sink import Sink
 from pipeline.structured import Structured
 from pipeline.summary import RunSummary
@@ -39,11 +41,6 @@ async def run_batch(
 
     Raises ConfigError (exit 2) for a setting the service cannot serve, before anything is uploaded.
     """
-    if cfg.limits.max_cost_usd is not None:
-        raise ConfigError(
-            f"{cfg.source}: limits.max_cost_usd (or --max-cost) is not supported with "
-            'endpoint.mode = "batch": `estimate` shows the batch cost before you submit'
-        )
     if options.no_wait and cfg.endpoint.provider == "emulator":
         raise ConfigError(
             f"{cfg.source}: --no-wait: provider 'emulator' runs inside this process and its "
@@ -54,7 +51,9 @@ async def run_batch(
     recovered, resume = await open_run_output(cfg, options, structured, started_at)
     async with contextlib.AsyncExitStack() as stack:
         if cfg.endpoint.provider == "emulator":
-            cfg = await _start_emulator(cfg, key, stack)
+            from pipeline.emulator.for_run import start_emulators  # only this provider needs the server
+
+            cfg = await start_emulators(cfg, {cfg.endpoint.name: key}, stack)
         session = await stack.enter_async_context(aiohttp.ClientSession())
         pool = ThreadPoolExecutor(image_threads(cfg.images), thread_name_prefix="images")
         stack.callback(pool.shutdown, wait=True, cancel_futures=True)
@@ -68,6 +67,15 @@ async def run_batch(
         log.info("retried rows replaced %d earlier error rows", superseded)
     tally, duration_s = engine.tally, loop.time() - started
     is_failed = any(tally.counts[status] for status in FAILED_STATUSES)
+    spend = engine.spend
+    is_cap_reached = engine.is_cap_reached and not interrupted
+    if is_cap_reached:
+        engine.stopped_because = await budget_reached(cfg, options.manifest, options.output, spend.spent_usd)
+    exit_code = EXIT_ROW_ERRORS if is_failed else EXIT_OK
+    if is_cap_reached:
+        exit_code = EXIT_BUDGET  # wins over 1, as in live mode
+    if interrupted:
+        exit_code = EXIT_INTERRUPTED
     summary = RunSummary(
         output=options.output,
         run_id=resume.run_id,
@@ -81,11 +89,15 @@ async def run_batch(
         pauses=0,
         paused_s=0.0,
         duration_s=round(duration_s, 3),
-        exit_code=EXIT_INTERRUPTED if interrupted else EXIT_ROW_ERRORS if is_failed else EXIT_OK,
+        exit_code=exit_code,
         stopped_because=engine.stopped_because,
         rows_per_s=round(sum(tally.counts.values()) / duration_s, 3) if duration_s > 0 else 0.0,
         recovered_rows=recovered.rows,
         recovered_cost_usd=recovered.cost_usd,
+        spend_usd=round(spend.spent_usd, 6) if price else None,
+        max_cost_usd=cfg.limits.max_cost_usd,
+        spend_of_earlier_runs_usd=round(spend.earlier_usd, 6) if price else None,
+        held_usd=round(spend.held_usd, 6) if price else None,
     )
     return await finish_run(summary)
 

@@ -181,6 +181,10 @@ class Emulator:
         """Answer the next len(faults) requests with these, in order, once their key has been checked."""
         self._script.extend(faults)
 
+    def clear_script(self) -> None:
+        """Drop the scripted answers no request has taken yet: later requests are answered as configured."""
+        self._script.clear()
+
     @property
     def scripted_left(self) -> int:
         """Scripted answers no request has taken yet: 0 once the last one's request has arrived."""
