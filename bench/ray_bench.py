@@ -1,6 +1,7 @@
 """The Ray engine on a local 2-CPU Ray (``make bench-ray``): one shared quota, image-bound speed, kills.
 
-    python bench/ray_bench.py [--only quota|images|kill] [--minutes 3] [--photos 100] [--work out/bench-ray]
+    python bench/ray_bench.py [--only quota|images|kill] [--minutes 3] [--runs 1] [--photos 100]
+                              [--work out/bench-ray]
 
 Starts one local Ray with 2 CPUs for every part (``ray.init(num_cpus=2)``, as the tests do), and runs
 ``pipeline.runner.run`` with ``engine="ray"`` against the in-process emulator:
@@ -8,8 +9,9 @@ Starts one local Ray with 2 CPUs for every part (``ray.init(num_cpus=2)``, as th
 - **quota**: 3 workers (half a CPU each) against one emulator in quota mode, TPM 60,000, 0.5 s latency,
   for ``--minutes``, then the SIGTERM stop; the manifest and the figures are ``bench/quota.py``'s
   (served/quota goal ≥ 97 %, 429s ≤ 1 %, the largest 10-s window against a sixth of the quota ≤ 100 %),
-  so they compare with ``make bench-quota``'s local run; "warm" is the same from the first request on,
-  without the seconds Ray takes to start its workers.
+  measured as it measures the local run, from the run's first request to the stop, so they compare with
+  ``make bench-quota``'s; "1st req" says how long Ray took to start its workers before that. With
+  ``--runs`` N, the median of N runs (each with a fresh emulator, on the same Ray) meets the goals.
 - **images**: 2,000 rows of 4000×3000 photos at detail high against an emulator with no latency: the
   local engine, then Ray with 2 workers of 1 CPU each; rows/s over each run. The photos are
   ``bench/images_bench.py``'s, ``--photos`` of them made once (2.7 MB and ~3 s of CPU each to make), each
@@ -40,7 +42,17 @@ from pathlib import Path
 import ray
 from images_bench import build_photos, describe_machine
 from quota import HEADER as QUOTA_HEADER
-from quota import LATENCY_S, MAX_TOKENS, format_row, make_manifest, measure
+from quota import (
+    LATENCY_S,
+    MAX_TOKENS,
+    Figures,
+    format_row,
+    make_manifest,
+    measure,
+    median_figures,
+    print_goals,
+    quota_goals,
+)
 
 from pipeline.config import EmulatorConfig, RunConfig, config_from_mapping
 from pipeline.emulator import Emulator
@@ -72,12 +84,9 @@ def azure(url: str, **sections: dict[str, object]) -> RunConfig:
     return config_from_mapping(raw, source="bench/ray_bench.py")
 
 
-async def quota_part(work: Path, minutes: float) -> bool:
-    print(f"\nquota: Ray, {QUOTA_WORKERS} workers, TPM {QUOTA_TPM}, latency {LATENCY_S} s, {minutes:g} min")
-    manifest = await asyncio.to_thread(make_manifest, work / "quota-data", 2000)
-    output = work / "quota-out"
+async def quota_run(manifest: Path, output: Path, seconds: float) -> Figures:
+    """One run of `seconds` against a fresh quota-mode emulator, measured as ``bench/quota.py`` does."""
     shutil.rmtree(output, ignore_errors=True)
-    seconds = minutes * 60
     emulator_cfg = EmulatorConfig(latency_s=LATENCY_S, tokens_per_minute=QUOTA_TPM)
     async with Emulator(emulator_cfg, api_key=KEY, deployment=DEPLOYMENT, keep_bodies=False) as emulator:
         cfg = azure(emulator.url, limits={"tokens_per_minute": QUOTA_TPM, "concurrency": QUOTA_CONCURRENCY})
@@ -90,22 +99,20 @@ async def quota_part(work: Path, minutes: float) -> bool:
         finally:
             stop.cancel()
     rows = read_output(output).to_pylist()
-    figures = measure(emulator.requests, rows, summary, started, seconds, QUOTA_TPM)
-    # Ray starts its worker processes first (seconds on a busy machine): the same from the first request
-    first = min(r.at for r in emulator.requests)
-    warm = measure(emulator.requests, rows, summary, first, started + seconds - first, QUOTA_TPM)
-    print(f"the first request arrived {first - started:.1f} s after the run started")
-    print(QUOTA_HEADER)
-    print(format_row("ray", figures))
-    print(format_row("warm", warm))
-    goals = {
-        "served/quota >= 97 %": figures.served_share >= 0.97,
-        "429s <= 1 %": figures.rejected_share <= 0.01,
-        "max 10 s <= 100 %": figures.largest_window_share <= 1.0,
-    }
-    for goal, met in goals.items():
-        print(f"{'met   ' if met else 'MISSED'} {goal}")
-    return all(goals.values())
+    return measure(emulator.requests, rows, summary, started, seconds, QUOTA_TPM)
+
+
+async def quota_part(work: Path, minutes: float, runs: int) -> bool:
+    print(f"\nquota: Ray, {QUOTA_WORKERS} workers, TPM {QUOTA_TPM}, latency {LATENCY_S} s, {minutes:g} min")
+    manifest = await asyncio.to_thread(make_manifest, work / "quota-data", 2000)
+    print(QUOTA_HEADER, flush=True)
+    measured = []
+    for n in range(1, runs + 1):
+        measured.append(await quota_run(manifest, work / "quota-out", minutes * 60))
+        print(format_row(str(n), measured[-1]), flush=True)
+    figures = median_figures(measured)
+    print(format_row("median", figures), flush=True)
+    return print_goals(quota_goals(figures)) == 0
 
 
 def photo_manifest(path: Path, photos: list[Path]) -> Path:
@@ -194,7 +201,7 @@ async def main(args: argparse.Namespace) -> int:
     ok = True
     try:
         if args.only in (None, "quota"):
-            ok &= await quota_part(work, args.minutes)
+            ok &= await quota_part(work, args.minutes, args.runs)
         if args.only in (None, "images"):
             await images_part(work, args.photos)
         if args.only in (None, "kill"):
@@ -209,6 +216,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("quota", "images", "kill"), help="one part only")
     parser.add_argument("--minutes", type=float, default=3.0, help="the quota part's length (default 3)")
+    parser.add_argument(
+        "--runs", type=int, default=1, help="quota runs; with more than 1 the goals apply to the median"
+    )
     parser.add_argument("--photos", type=int, default=100, help="distinct photos to make once (default 100)")
     parser.add_argument("--work", default="out/bench-ray", help="work folder; photos are kept there")
     return parser.parse_args(argv)
