@@ -286,6 +286,27 @@ def _last_run(run: Mapping[str, Any] | None) -> str:
     return f'<section id="last-run"><h2>Last run</h2><table>{body}</table></section>'
 
 
+def _endpoints(run: Mapping[str, Any] | None) -> str:
+    """The last run's endpoints (``_stats.json`` ``endpoints``): requests, tokens/min against quota, 429s, holds."""
+    endpoints = (run or {}).get("endpoints") or {}
+    if not endpoints:
+        return ""
+    head = "".join(
+        f"<th>{h}</th>" for h in ("endpoint", "requests", "tokens/min", "quota", "429s", "held", "out")
+    )
+    rows = "".join(
+        f'<tr id="endpoint-{_e(name)}"><td>{_e(name)}</td><td>{int(e.get("requests", 0)):,}</td>'
+        f"<td>{float(e.get('tokens_per_min', 0)):,.0f}</td><td>{int(e.get('tokens_per_minute_quota', 0)):,}</td>"
+        f"<td>{int(e.get('http_429s', 0)):,}</td><td>{float(e.get('held_s', 0)):,.1f} s</td>"
+        f"<td>{_e(e.get('out_because') or '—')}</td></tr>"
+        for name, e in endpoints.items()
+    )
+    return (
+        '<section id="endpoints"><h2>Endpoints</h2><p>What each endpoint of the last run served, against '
+        f"its quota.</p><table><tr>{head}</tr>{rows}</table></section>"
+    )
+
+
 def _failed(status: OutputStatus) -> str:
     if not status.failed_total:
         return '<section id="failed"><h2>Failed rows</h2><p id="failed-count">0 failed rows.</p></section>'
@@ -387,7 +408,8 @@ def render_html(data: ReportData) -> str:
         f"<title>vision-pipeline report: {_e(status.output)}</title><style>{_CSS}</style></head><body>"
         f'<h1>vision-pipeline report</h1><p class="meta">{_e(status.output)}{manifest} · generated '
         f"{_e(data.generated_at)} · last row finished {_e(status.last_finished_at or 'never')}</p>"
-        f"{_summary(status)}{_last_run(status.last_run)}{_failed(status)}{_filters(data.filters)}"
+        f"{_summary(status)}{_last_run(status.last_run)}{_endpoints(status.last_run)}{_failed(status)}"
+        f"{_filters(data.filters)}"
         f'<section id="histograms"><h2>Latency and tokens</h2>{histograms}</section>'
         f"{_samples(data.samples)}</body></html>\n"
     )

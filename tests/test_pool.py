@@ -271,6 +271,23 @@ async def test_emulator_endpoints_of_a_pool_each_get_an_emulator(tmp_path, image
     assert {r["endpoint"] for r in committed(tmp_path / "out")} <= {"one", "two"}
 
 
+async def test_the_report_shows_each_endpoint_of_the_last_run(tmp_path, images_manifest):
+    from pipeline.report import write_report
+
+    cfg = config_from_mapping(
+        {"endpoints": [{"name": "one", "provider": "emulator"}, {"name": "two", "provider": "emulator"}]}
+    )
+    await run(cfg, RunOptions(images_manifest(20), tmp_path / "out", handle_signals=False))
+
+    page = write_report(tmp_path / "out").read_text(encoding="utf-8")
+
+    stats = json.loads((tmp_path / "out" / STATS_FILE).read_text())
+    for name in ("one", "two"):
+        row = page.split(f'id="endpoint-{name}">')[1].split("</tr>")[0]
+        assert f"<td>{stats['endpoints'][name]['requests']:,}</td>" in row
+    assert sum(e["requests"] for e in stats["endpoints"].values()) >= 20
+
+
 async def test_an_openai_member_gets_the_model_in_the_body_and_an_azure_one_does_not(
     tmp_path, emulator_pool, images_manifest, key_in_env
 ):
