@@ -42,8 +42,6 @@ from pipeline.pool import open_pool
 from pipeline.pricing import Price, price_for_run
 from pipeline.progress import show_progress
 from pipeline.records import (
-    STATUSES,
-    TEXT_STATUSES,
     BudgetReached,
     ConfigError,
     ImageTask,
@@ -65,6 +63,7 @@ from pipeline.summary import (
     endpoint_stats,
     latency_percentiles,
     summary_as_dict,
+    tally_fields,
 )
 from pipeline.tokens import load_encoding
 
@@ -173,19 +172,12 @@ async def _run_locked(
     summary = RunSummary(
         output=options.output,
         run_id=run_id,
-        counts={s: tally.counts[s] for s in STATUSES if s in TEXT_STATUSES or tally.counts[s]},
-        skipped=tally.skipped,
-        duplicates=tally.duplicates,
-        prompt_tokens=tally.prompt_tokens,
-        completion_tokens=tally.completion_tokens,
-        cost_usd=round(tally.cost_usd, 6) if price else None,
+        **tally_fields(tally, duration_s, is_priced=price is not None),
         retries=tally.retries,
         pauses=counters.pauses,
         paused_s=round(counters.paused_s, 3),
-        duration_s=round(duration_s, 3),
         exit_code=stages.exit_code(),
         stopped_because=stages.stopped_because,
-        rows_per_s=round(sum(tally.counts.values()) / duration_s, 3) if duration_s > 0 else 0.0,
         http_429s=counters.http_429s,
         retries_by_cause=dict(sorted(counters.retries_by_cause.items())),
         latency_percentiles_s=latency_percentiles(tally.latencies_s),

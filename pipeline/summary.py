@@ -9,9 +9,17 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipeline.exits import EXIT_OK, EXIT_ROW_ERRORS
-from pipeline.records import FAILED_STATUSES, EndpointCounters, TransportCounters, VisionResult
+from pipeline.records import (
+    FAILED_STATUSES,
+    STATUSES,
+    TEXT_STATUSES,
+    EndpointCounters,
+    TransportCounters,
+    VisionResult,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +87,20 @@ class Tally:
 
 
 LATENCY_PERCENTILES = (50, 90, 99)
+
+
+def tally_fields(tally: Tally, duration_s: float, is_priced: bool) -> dict[str, Any]:
+    """The ``RunSummary`` fields every engine (local, Ray, batch) takes from its tally alone."""
+    return {
+        "counts": {s: tally.counts[s] for s in STATUSES if s in TEXT_STATUSES or tally.counts[s]},
+        "skipped": tally.skipped,
+        "duplicates": tally.duplicates,
+        "prompt_tokens": tally.prompt_tokens,
+        "completion_tokens": tally.completion_tokens,
+        "cost_usd": round(tally.cost_usd, 6) if is_priced else None,
+        "duration_s": round(duration_s, 3),
+        "rows_per_s": round(sum(tally.counts.values()) / duration_s, 3) if duration_s > 0 else 0.0,
+    }
 
 
 def latency_percentiles(latencies_s: Sequence[float]) -> dict[str, float]:

@@ -24,12 +24,12 @@ from pipeline.config import RunConfig
 from pipeline.exits import EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_OK, EXIT_ROW_ERRORS
 from pipeline.images import image_threads
 from pipeline.pricing import Price
-from pipeline.records import FAILED_STATUSES, STATUSES, TEXT_STATUSES, ConfigError
+from pipeline.records import FAILED_STATUSES, ConfigError
 from pipeline.run_rows import budget_reached
 from pipeline.runner import RunOptions, finish_run, open_run_output
 from pipeline.sink import Sink
 from pipeline.structured import Structured
-from pipeline.summary import RunSummary
+from pipeline.summary import RunSummary, tally_fields
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +79,12 @@ async def run_batch(
     summary = RunSummary(
         output=options.output,
         run_id=resume.run_id,
-        counts={s: tally.counts[s] for s in STATUSES if s in TEXT_STATUSES or tally.counts[s]},
-        skipped=tally.skipped,
-        duplicates=tally.duplicates,
-        prompt_tokens=tally.prompt_tokens,
-        completion_tokens=tally.completion_tokens,
-        cost_usd=round(tally.cost_usd, 6) if price else None,
+        **tally_fields(tally, duration_s, is_priced=price is not None),
         retries=0,
         pauses=0,
         paused_s=0.0,
-        duration_s=round(duration_s, 3),
         exit_code=exit_code,
         stopped_because=engine.stopped_because,
-        rows_per_s=round(sum(tally.counts.values()) / duration_s, 3) if duration_s > 0 else 0.0,
         recovered_rows=recovered.rows,
         recovered_cost_usd=recovered.cost_usd,
         spend_usd=round(spend.spent_usd, 6) if price else None,
