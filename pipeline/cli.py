@@ -18,6 +18,7 @@ from typing import Literal
 
 import click
 
+from pipeline.captioner import collect_garbage_less_often
 from pipeline.config import load_config, with_max_cost
 from pipeline.estimate import EstimateOptions, estimate
 from pipeline.estimate_text import estimate_as_json, format_estimate
@@ -151,6 +152,7 @@ def run_command(
 ) -> None:
     """Caption every manifest row not yet in OUTPUT; a rerun resumes where the last one stopped."""
     chosen = _setup_logging(verbose, quiet, log_format)
+    collect_garbage_less_often()
     if progress is None:
         progress = chosen == "text" and not quiet and sys.stderr.isatty()
     options = RunOptions(

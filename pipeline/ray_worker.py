@@ -33,7 +33,7 @@ from typing import Any
 import aiohttp
 
 from pipeline.budget import Budget
-from pipeline.captioner import Captioner
+from pipeline.captioner import Captioner, collect_garbage_less_often
 from pipeline.client import Client, endpoint_for
 from pipeline.config import RunConfig
 from pipeline.images import image_threads
@@ -137,6 +137,7 @@ class CaptionWorker:
 
     async def _ready(self) -> tuple[Captioner, Pool, asyncio.Semaphore]:
         if self._captioner is None:
+            collect_garbage_less_often()  # this actor's process captions
             setup, cfg = self.setup, self.setup.cfg
             structured = load_structured(cfg)
             self._typed = () if structured is None else tuple(structured.columns)
