@@ -19,7 +19,7 @@ The new rows are placed `--new-at end` (the manifest grew: every committed row i
 the first new one, the worst case) or `--new-at start`. A breakdown of where the time and memory go is
 measured in a fresh interpreter, one step after the other: imports, checkpoint.committed_ids (a sorted
 Arrow array), streaming the manifest past the committed rows (grouped, a block at a time, as the run
-does), and building the BPE encoding (importing bpe_openai reads all its tables), which the run does
+does), and building the BPE encoding (tokens.load_encoding: bpe-openai's Rust tokenizer), which the run does
 in a thread while it reads the output and the manifest.
 """
 

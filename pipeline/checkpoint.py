@@ -22,6 +22,7 @@ import os
 import platform
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -45,6 +46,7 @@ from pipeline.sink import (
 )
 
 IDENTITY_FORMAT = 1
+ID_READ_THREADS = 4  # part files whose id column is read at once when a run resumes
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,11 +141,18 @@ def remove_temp_files(output: Path) -> int:
 def committed_ids(output: Path) -> IdSet:
     """The ids of every committed row (reads only the id column)."""
     ids = IdSet()
-    for path in part_files(output):  # one at a time: a dataset reads in parallel, but holds ~40 MB more
-        ids.add_column(pq.ParquetFile(path).read(columns=["id"], use_threads=False).column("id"))
+    # A few files at once (Parquet decodes without the GIL), each on one thread: a dataset reads in
+    # parallel too, but holds ~40 MB more.
+    with ThreadPoolExecutor(ID_READ_THREADS, thread_name_prefix="committed-ids") as pool:
+        for column in pool.map(_id_column, part_files(output)):
+            ids.add_column(column)
     len(ids)  # sorts them now, so that the buffers read and sorted go back to the system below
     pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed pages unless told
     return ids
+
+
+def _id_column(path: Path) -> pa.ChunkedArray:
+    return pq.ParquetFile(path).read(columns=["id"], use_threads=False).column("id")
 
 
 def committed_rows(output: Path) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import json
 import logging
 import random
 import re
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import aiohttp
+import orjson
 
 from pipeline.budget import Budget
 from pipeline.config import EndpointConfig, LimitsConfig
@@ -238,6 +238,7 @@ class Client:
     ) -> None:
         self._session = session
         self.endpoint = endpoint
+        self._headers = {**endpoint.headers, "Content-Type": "application/json"}
         self.limits = limits
         self.budget = budget
         self._cfg = cfg
@@ -292,17 +293,17 @@ class Client:
         timeout = aiohttp.ClientTimeout(total=self._cfg.timeout_s)
         async with self._session.post(
             self.endpoint.url,
-            json=body,
-            headers=self.endpoint.headers,
+            data=orjson.dumps(body),
+            headers=self._headers,
             timeout=timeout,
             trace_request_ctx=sending,
         ) as response:
-            text = await response.text()
+            raw = await response.read()
         try:
-            parsed: object = json.loads(text)
-        except ValueError:
+            parsed: object = orjson.loads(raw)
+        except orjson.JSONDecodeError:
             parsed = None  # a proxy's HTML error page, a truncated body: classify retries a 200 like this
-        return Reply(response.status, response.headers, parsed, text)
+        return Reply(response.status, response.headers, parsed, raw.decode("utf-8", "replace"))
 
     def _billed_usd(self, reply: Reply, verdict: Verdict, plan: RequestPlan) -> float | None:
         """What an answer costs: its bill; nothing for what the services do not bill (429, 5xx, other

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -79,7 +80,7 @@ class Journal:
         if self._fd is None:
             self._open()
         assert self._fd is not None
-        data = (json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        data = orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)
         while data:
             data = data[os.write(self._fd, data) :]
         self._rows_written += 1

@@ -358,23 +358,13 @@ class Pool:
         """The endpoint that admits the request first, and its booking there, paced and ready to send.
 
         Raises NotSent after ``stop_sending``, RunAborted when no endpoint is left."""
-        row_id, tokens = plan.task.row_id, plan.reserve_tokens
+        if len(self.members) == 1:
+            return await self._route_alone(plan, is_retry=is_retry)
+        tokens = plan.reserve_tokens
         offers: dict[Member, asyncio.Future[Reservation]] = {}
         try:
             while True:
-                if self._stopping.is_set():
-                    raise NotSent(row_id)
-                if self._aborted is not None:
-                    raise self._aborted
-                left = [m for m in self.members if m.out_because is None]
-                if not any(m.client.limits.admits(tokens) for m in left):
-                    raise ApiError(
-                        row_id,
-                        f"needs {tokens} tokens, more than the minute's budget of any endpoint left "
-                        f"({', '.join(m.name for m in left)}); not sent",
-                        status=None,
-                        kind=ErrorKind.OVER_BUDGET,
-                    )
+                self._check_sendable(plan)
                 now = self._loop.time()
                 for member in [m for m in offers if not m.takes_new(now)]:
                     member.client.limits.withdraw(offers.pop(member))
@@ -408,3 +398,38 @@ class Pool:
         finally:
             for member, offered in offers.items():
                 member.client.limits.withdraw(offered)
+
+    async def _route_alone(self, plan: RequestPlan, *, is_retry: bool) -> tuple[Member, Reservation]:
+        """``_route`` for a pool of one endpoint: no offers to weigh, the request waits in its line."""
+        member = self.members[0]
+        limits = member.client.limits
+        self._check_sendable(plan)
+        offered = limits.offer(plan.reserve_tokens, is_retry=is_retry)
+        try:
+            reservation = await offered
+        except asyncio.CancelledError:
+            limits.withdraw(offered)
+            raise
+        except LimitsClosed:
+            raise self._aborted or NotSent(plan.task.row_id) from None
+        try:
+            return member, await limits.take(reservation)
+        except LimitsClosed:
+            raise self._aborted or NotSent(plan.task.row_id) from None
+
+    def _check_sendable(self, plan: RequestPlan) -> None:
+        """Raise what ends the row's wait for an endpoint: NotSent after ``stop_sending``, RunAborted when no
+        endpoint is left, ApiError when no endpoint left could ever admit the request."""
+        if self._stopping.is_set():
+            raise NotSent(plan.task.row_id)
+        if self._aborted is not None:
+            raise self._aborted
+        left = [m for m in self.members if m.out_because is None]
+        if not any(m.client.limits.admits(plan.reserve_tokens) for m in left):
+            raise ApiError(
+                plan.task.row_id,
+                f"needs {plan.reserve_tokens} tokens, more than the minute's budget of any endpoint left "
+                f"({', '.join(m.name for m in left)}); not sent",
+                status=None,
+                kind=ErrorKind.OVER_BUDGET,
+            )

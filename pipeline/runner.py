@@ -128,7 +128,7 @@ async def _run_locked(
 ) -> RunSummary:
     loop = asyncio.get_running_loop()
     started_at, started = time.time(), loop.time()
-    # ~1 s of building the text encoding, in a thread while the output and the manifest are read;
+    # building the text encoding (~40 ms), in a thread while the output and the manifest are read;
     # the producer waits for it before the first row goes to a worker
     encoding_ready = loop.run_in_executor(None, load_encoding, cfg.endpoint.model)
     recovered, resume = await open_run_output(cfg, options, structured, started_at)

@@ -18,14 +18,16 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
 import pyarrow as pa
 
 from pipeline.config import RunConfig
 from pipeline.records import ConfigError
 from pipeline.sink import BASE_COLUMNS
+
+if TYPE_CHECKING:  # imported where a schema is loaded: ~50 ms a run without one need not pay
+    import jsonschema
 
 # What each model family takes with image input, by version date (the model name may end with one:
 # gpt-4o-2024-08-06). Sources: the reference (Azure's GPT-4 Turbo with Vision, turbo-2024-04-09, "does not
@@ -99,6 +101,8 @@ class Structured:
         if self.schema is None:
             return "", None
         assert self.validator is not None
+        import jsonschema
+
         error = jsonschema.exceptions.best_match(self.validator.iter_errors(value))
         if error is not None:
             where = "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
@@ -138,6 +142,8 @@ def load_structured(cfg: RunConfig) -> Structured | None:
         ) from None
     except ValueError as err:
         raise ConfigError(f"{src}: request.schema: {path} is not JSON: {err}") from None
+    import jsonschema
+
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.SchemaError as err:

@@ -16,10 +16,14 @@ pixels are counted here, in the emulator, or after ``images.py`` has downscaled 
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
+import itertools
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 LOW_VIEW_PX = 512  # low detail: "a lower resolution 512x512 version"
@@ -103,44 +107,58 @@ def max_image_tokens(detail: str, model: str = "gpt-4-turbo") -> int:
     return image_tokens(HIGH_SHORT_SIDE_PX, HIGH_FIT_PX, detail, model)
 
 
-_encodings: dict[str, Any] = {}
-_encodings_lock = threading.Lock()  # a run builds its encoding in a thread while the loop reads rows
+_counters: dict[str, Callable[[str], int]] = {}
+_counters_lock = threading.Lock()  # a run builds its encoding in a thread while the loop reads rows
 
 
-def _encoding(name: str) -> Any:
-    with _encodings_lock:
-        if name not in _encodings:
-            # Imported here, not at the top: its import reads the tables of every encoding it ships
-            # (~1 s, ~60 MB), which a command that counts no tokens should not pay, and which a run
-            # pays in a thread while it reads its output (see load_encoding).
-            import bpe_openai  # ships its tables: works offline, unlike tiktoken
-
-            _encodings[name] = bpe_openai.get_encoding(name)
-            _drop_rank_tables(bpe_openai)
-        return _encodings[name]
+def _counter(name: str) -> Callable[[str], int]:
+    """Counts the tokens of a text in encoding `name`; built once per process."""
+    with _counters_lock:
+        if name not in _counters:
+            _counters[name] = _rust_counter(name) or _public_counter(name)
+        return _counters[name]
 
 
-def _drop_rank_tables(bpe_openai: Any) -> None:
-    """Free the rank tables bpe-openai keeps after building an encoding, which holds its own copy.
+def _rust_counter(name: str) -> Callable[[str], int] | None:
+    """bpe-openai's Rust tokenizer for `name`, loaded without importing the bpe_openai package; None when
+    this release does not have it where 0.1.4 has it.
 
-    bpe-openai (0.1.4) loads the tables of cl100k, o200k and voyage3 into lru_caches when imported, as
-    Python dicts of bytes, and keeps them: ~36 MB that no encoding reads again (a run's peak RSS,
-    bench/overhead.py). A later ``get_encoding`` of another encoding loads its table again. Does
-    nothing when the library no longer has these caches.
+    Importing bpe_openai decodes the tables of every encoding it ships into Python dicts for tiktoken's
+    API, which we do not use: ~1.2 s of the GIL and ~36 MB, at every start of a run. Its extension module
+    builds the same tokenizer from its own copy of the table in ~40 ms. tests/test_tokens.py checks that
+    both count alike.
     """
-    registry = getattr(bpe_openai, "registry", None)
-    constructors = getattr(registry, "ENCODING_CONSTRUCTORS", {})
-    for cached in (getattr(registry, "_load_mergeable_ranks", None), *constructors.values()):
-        if callable(getattr(cached, "cache_clear", None)):
-            cached.cache_clear()
+    package = importlib.util.find_spec("bpe_openai")  # finds the package's folder, runs none of it
+    folders = list(package.submodule_search_locations or []) if package is not None else []
+    for folder, suffix in itertools.product(folders, importlib.machinery.EXTENSION_SUFFIXES):
+        path = Path(folder) / f"_bindings{suffix}"
+        if not path.is_file():
+            continue
+        spec = importlib.util.spec_from_file_location("bpe_openai._bindings", path)
+        if spec is None or spec.loader is None:
+            return None
+        bindings = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bindings)
+        count: Callable[[str], int] = bindings.tokenizer_for_encoding(name).count
+        return count
+    return None
+
+
+def _public_counter(name: str) -> Callable[[str], int]:
+    """The same count through bpe_openai's public API (slow to import: see ``_rust_counter``)."""
+    import bpe_openai  # ships its tables: works offline, unlike tiktoken
+
+    encoding = bpe_openai.get_encoding(name)
+    # user text that looks like a special token is plain text to the service, not an error
+    return lambda text: len(encoding.encode(text, disallowed_special=()))
 
 
 def load_encoding(model: str) -> None:
     """Build the text encoding of `model` now, so that the first token count does not wait for it.
 
-    Blocking: about a second the first time (importing bpe_openai), nothing after.
+    Blocking: ~40 ms the first time, nothing after.
     """
-    _encoding(model_family(model).encoding)
+    _counter(model_family(model).encoding)
 
 
 def text_tokens(text: str, model: str = "gpt-4-turbo") -> int:
@@ -165,8 +183,7 @@ def _short_text_tokens(text: str, encoding: str) -> int:
 
 
 def _count(text: str, encoding: str) -> int:
-    # user text that looks like a special token is plain text to the service, not an error
-    return len(_encoding(encoding).encode(text, disallowed_special=()))
+    return _counter(encoding)(text)
 
 
 def _pieces(text: str, size: int) -> list[str]:

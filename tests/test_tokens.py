@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -91,3 +94,44 @@ def test_image_sizes_must_match_image_parts():
 
 def test_text_that_looks_like_a_special_token_is_counted_as_plain_text():
     assert text_tokens("<|endoftext|>") > 1
+
+
+TEXTS = [
+    "",
+    "Describe this image in one paragraph.",
+    "<|endoftext|><|fim_prefix|> looks special, is text",
+    "Ünïcödé, 日本語の説明, emoji 🦜🦜 and\ttabs\r\n\n   runs of spaces   ",
+    "x" * 5000,
+    "word " * 3000,
+]
+
+
+@pytest.mark.parametrize("model", ["gpt-4-turbo", "gpt-4o"])
+def test_text_tokens_count_as_bpe_openai_s_public_api_does(model):
+    import bpe_openai
+
+    from pipeline.tokens import model_family
+
+    encoding = bpe_openai.get_encoding(model_family(model).encoding)
+    for text in TEXTS:
+        assert text_tokens(text, model) == len(encoding.encode(text, disallowed_special=())), text[:40]
+
+
+@given(st.text(max_size=300))
+def test_any_text_counts_as_the_public_api_does(text):
+    import bpe_openai
+
+    assert text_tokens(text) == len(
+        bpe_openai.get_encoding("cl100k_base").encode(text, disallowed_special=())
+    )
+
+
+def test_counting_tokens_does_not_import_bpe_openai_and_its_tables():
+    code = (
+        "import sys; from pipeline.tokens import text_tokens; n = text_tokens('a photo of a parrot'); "
+        "print(n, 'bpe_openai' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["6", "False"]  # a, photo, of, a, par, rot
