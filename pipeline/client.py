@@ -178,9 +178,16 @@ class _Sending:
     reservation: Reservation
 
 
+def open_session(concurrency: int) -> aiohttp.ClientSession:
+    """A run's session (every engine's): at most `concurrency` connections, and each request's reservation
+    counted from when its headers are sent (``sent_tracing``)."""
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    return aiohttp.ClientSession(connector=connector, trace_configs=[sent_tracing()])
+
+
 def sent_tracing() -> aiohttp.TraceConfig:
     """A trace hook for the run's session: a request's reservation counts from when its headers are sent
-    (``Limits.restamp``), not from its admission; pass it in ``ClientSession(trace_configs=[...])``."""
+    (``Limits.restamp``; a Ray worker's tells its quota keeper), not from its admission."""
 
     async def on_headers_sent(
         session: aiohttp.ClientSession, context: Any, params: aiohttp.TraceRequestHeadersSentParams

@@ -251,8 +251,14 @@ class Limits:
     def restamp(self, reservation: Reservation) -> None:
         """The request has just gone out (its headers are sent): its time in the window is now, not when it
         was admitted. Opening a new connection can take longer than the window's slack, and the server
-        counts the request from its arrival."""
-        self.move(reservation, self._loop.time())
+        counts the request from its arrival. (A Ray worker's request is restamped by its quota keeper when
+        the worker says it is sent: shared_quota.py.)"""
+        now = self._loop.time()
+        if now <= reservation.at or not reservation.in_window:
+            return
+        self._log.remove(reservation)
+        reservation.at = now
+        self._log.insert(reservation)
 
     async def take(self, reservation: Reservation) -> Reservation:
         """Send a booked request once the per-second pacer lets it go. Raises LimitsClosed after ``close``."""
@@ -317,15 +323,6 @@ class Limits:
         reservation.tokens = tokens
         if self._waiting:
             self._admit()  # a smaller bill may make room now
-
-    def move(self, reservation: Reservation, at: float) -> None:
-        """Count `reservation` from `at` (loop time), when it is later than its booking: the request left
-        after its admission by more than the same process would take (a Ray worker's, shared_quota.py)."""
-        if at <= reservation.at or not reservation.in_window:
-            return
-        self._log.remove(reservation)
-        reservation.at = at
-        self._log.insert(reservation)
 
     def pause(self, wait_s: float, tokens: int = 0) -> None:
         """A 429 refusing a request of `tokens`: admit nothing for exactly `wait_s` seconds. After a hold

@@ -34,7 +34,7 @@ import aiohttp
 
 from pipeline.budget import Budget
 from pipeline.captioner import Captioner, collect_garbage_less_often
-from pipeline.client import Client, endpoint_for
+from pipeline.client import Client, endpoint_for, open_session
 from pipeline.config import RunConfig
 from pipeline.images import image_threads
 from pipeline.journal import Journal
@@ -148,8 +148,7 @@ class CaptionWorker:
                 if setup.budget is None or lim.max_cost_usd is None or setup.price is None
                 else SharedBudget(setup.budget, lim.max_cost_usd, setup.price)
             )
-            connector = aiohttp.TCPConnector(limit=setup.concurrency)
-            self._session = aiohttp.ClientSession(connector=connector)
+            self._session = open_session(setup.concurrency)  # tells the keeper when each request is sent
             endpoint = endpoint_for(cfg.endpoint, setup.key)
             client = Client(self._session, endpoint, limits, lim, budget)
             member = Member(cfg.endpoint.name, client, lim.tokens_per_minute)

@@ -19,12 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import aiohttp
-
 from pipeline import checkpoint
 from pipeline.budget import Budget
 from pipeline.captioner import Captioner
-from pipeline.client import sent_tracing
+from pipeline.client import open_session
 from pipeline.config import RunConfig, api_key_of
 from pipeline.exits import (
     EXIT_BUDGET,
@@ -243,10 +241,7 @@ async def _caption_locally(
 ) -> Outcome:
     """The local engine: the captioner in this process's loop (see the module docstring)."""
     keys, price, structured = request
-    connector = aiohttp.TCPConnector(limit=cfg.limits.concurrency)
-    session = await stack.enter_async_context(
-        aiohttp.ClientSession(connector=connector, trace_configs=[sent_tracing()])
-    )
+    session = await stack.enter_async_context(open_session(cfg.limits.concurrency))
     budget = Budget(cfg.limits.max_cost_usd, price)
     client = open_pool(cfg, keys, session, budget)
     reuse_freed_image_memory()

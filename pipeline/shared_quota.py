@@ -7,11 +7,13 @@ as on one machine. Workers reach them through ``SharedLimits`` and ``SharedBudge
 ``client.Client`` takes in place of its local ones.
 
 - **Reservations.** A worker reserves one request at a time, when it is about to send it, and tells the
-  keeper when it sent it: the window log must book a request when the server will count it, and a block
-  reserved ahead would sit in the log earlier than the server sees its requests, so the server's window
-  could hold more than ours. A round trip to a local actor takes about a millisecond; requests take
-  hundreds. What a worker does not use it
-  gives back (``settle`` with the bill, 0 for a 429 or a request never sent).
+  keeper once its headers are sent (the session's trace hook, ``client.sent_tracing``): the window log
+  must book a request when the server will count it, and a block reserved ahead would sit in the log
+  earlier than the server sees its requests, so the server's window could hold more than ours. The
+  keeper books the request from when that word reaches it (``QuotaKeeper.sent``), on its own clock: after
+  the send, by a message's trip of a few milliseconds, so no booking counts a request earlier than it
+  left, and no two machines' clocks are compared. What a worker does not use it gives back (``settle``
+  with the bill, 0 for a 429 or a request never sent).
 - **429s.** A worker that meets a 429 reports its wait; the keeper pauses admissions for every worker.
 - **Restarts.** Ray restarts a keeper that died, empty. It cannot know what the last 10 s admitted, so it
   books that window as full: a restart never doubles a window. Reservations of the dead keeper are
@@ -28,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -41,12 +42,6 @@ log = logging.getLogger(__name__)
 
 # What the server tells about the quota others use (limits.Limits.observe); the rest stays on the worker.
 QUOTA_HEADERS = ("x-ratelimit-remaining-tokens", "x-ratelimit-remaining-requests")
-# Added to when a worker sent a request: the worker and the server are processes (or machines) of their own,
-# so how long a request takes to arrive may vary more than within one process (limits.WINDOW_SLACK_S). Each
-# 0.1 s costs 1 % of the quota, a 429 several. make bench-ray prints the room left ("room": how much longer
-# the server's window could have been, every window still within budget): 0.199 s with 0.15 here (load 4),
-# so 0.15 was nearly all spare; 0.063 to 0.073 s with 0.05 (load 5 to 7): transit varied by up to ~40 ms.
-TRANSIT_MARGIN_S = 0.05
 # Booked by a restarted keeper: none of the window is left (see the module docstring).
 WINDOW_FULL = dict.fromkeys(QUOTA_HEADERS, "0")
 
@@ -59,8 +54,6 @@ class QuotaKeeper:
         self._is_restart = is_restart
         self._limits: Limits | None = None
         self._booked: dict[int, Reservation] = {}
-        # loop time and epoch seconds of each admission, until the worker says when it sent the request
-        self._admitted_at: dict[int, tuple[float, float]] = {}
         self._keys = itertools.count(1)
 
     def _get(self) -> Limits:
@@ -79,26 +72,24 @@ class QuotaKeeper:
             return None
         key = next(self._keys)
         self._booked[key] = reservation
-        self._admitted_at[key] = (asyncio.get_running_loop().time(), time.time())
         return key
 
-    def sent(self, key: int, sent_at: float) -> None:
-        """Reservation `key` went out at `sent_at` (epoch seconds, the worker's clock): book it then.
+    def sent(self, key: int) -> None:
+        """Reservation `key` is on its way (its headers are sent): book it from now, when the keeper hears so.
 
-        The window log books a request when it is admitted, which in one process is when it is sent. A
-        worker sends an admission's round trip later, and the next window's requests may have shorter
-        ones: the server would count both in one window. So the booking moves to the send.
+        In one process a request is restamped as its headers go (``Limits.restamp``). A worker sends an
+        admission's round trip later, and the next window's requests may have shorter ones: the server would
+        count both in one window. So the booking moves to when the worker's word arrives, which is after
+        the send: a request's transit to the server and this message's to the keeper differ by a few
+        milliseconds, within ``limits.WINDOW_SLACK_S`` as in one process.
         """
-        admitted = self._admitted_at.pop(key, None)
         reservation = self._booked.get(key)
-        if admitted is not None and reservation is not None:
-            loop_at, epoch_at = admitted
-            self._get().move(reservation, loop_at + sent_at - epoch_at + TRANSIT_MARGIN_S)
+        if reservation is not None:
+            self._get().restamp(reservation)
 
     def settle(self, key: int, tokens: int) -> None:
         """Correct reservation `key` to what the server billed (0: not charged, or never sent)."""
         reservation = self._booked.pop(key, None)
-        self._admitted_at.pop(key, None)
         if reservation is not None:  # unknown: booked by a keeper before a restart
             self._get().settle(reservation, tokens)
 
@@ -200,8 +191,13 @@ class SharedLimits(Limits):
             raise LimitsClosed()
         reservation = Reservation(asyncio.get_running_loop().time(), tokens)
         self._keys[reservation] = key
-        self._keeper.sent.remote(key, time.time())  # the client posts it as this returns
         return reservation
+
+    def restamp(self, reservation: Reservation) -> None:
+        """Its headers are sent (the session's trace hook): the keeper books it from when it hears so."""
+        key = self._keys.get(reservation)
+        if key is not None:
+            self._keeper.sent.remote(key)
 
     def offer(self, tokens: int, *, is_retry: bool = False) -> asyncio.Future[Reservation]:
         """Queue one request at the keeper (``acquire``): a retry waits in the keeper's line as any request."""
