@@ -6,7 +6,7 @@ single form a pool of one, so there is one retry loop and one set of rules:
 * **Route by room.** Each endpoint keeps its own budget and 429 pauses (``limits.py``). A request is
   offered to every endpoint in service at once and goes to the first that admits it; the offers at the
   others are withdrawn unsent. Admitted by several at the same moment, it goes to the one with the most
-  room left in its window.
+  room left in its window. (A pool of one has nothing to weigh: its requests wait in that endpoint's line.)
 * **429.** It holds only its endpoint, for exactly what the server asked (``client.retry_after_s``); the
   row is offered again at once and goes wherever there is room. A 429 asking longer than
   ``limits.max_retry_after_s`` means that endpoint's quota is gone: it is taken out for the run.
