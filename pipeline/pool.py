@@ -6,7 +6,7 @@ single form a pool of one, so there is one retry loop and one set of rules:
 * **Route by room.** Each endpoint keeps its own budget and 429 pauses (``limits.py``). A request is
   offered to every endpoint in service at once and goes to the first that admits it; the offers at the
   others are withdrawn unsent. Admitted by several at the same moment, it goes to the one with the most
-  room left in its window. (A pool of one has nothing to weigh: its requests wait in that endpoint's line.)
+  room left in its window.
 * **429.** It holds only its endpoint, for exactly what the server asked (``client.retry_after_s``); the
   row is offered again at once and goes wherever there is room. A 429 asking longer than
   ``limits.max_retry_after_s`` means that endpoint's quota is gone: it is taken out for the run.
@@ -32,7 +32,7 @@ import logging
 import math
 import random
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +40,7 @@ import aiohttp
 
 from pipeline.budget import Budget
 from pipeline.client import Client, Tried, backoff_s, endpoint_for, error_code
-from pipeline.config import LimitsConfig, RunConfig
+from pipeline.config import LimitsConfig, PoolMember, RunConfig
 from pipeline.limits import Limits, LimitsClosed, Reservation
 from pipeline.records import (
     ApiError,
@@ -94,19 +94,18 @@ class Member:
 
 
 def open_pool(
-    cfg: RunConfig, keys: Mapping[str, str | None], session: aiohttp.ClientSession, budget: Budget
+    cfg: RunConfig,
+    keys: Mapping[str, str | None],
+    session: aiohttp.ClientSession,
+    budget: Budget,
+    limits_for: Callable[[PoolMember], Limits] = lambda m: Limits(m.tokens_per_minute, m.requests_per_minute),
 ) -> Pool:
-    """The run's pool: a client and budgets per endpoint of ``cfg.pool``; `keys` by endpoint name."""
+    """The run's pool: a client and budgets per endpoint of ``cfg.pool``; `keys` by endpoint name.
+    `limits_for` makes each endpoint's quota (a Ray worker's: ``shared_quota.SharedLimits``)."""
     members = [
         Member(
             m.name,
-            Client(
-                session,
-                endpoint_for(m.endpoint, keys[m.name]),
-                Limits(m.tokens_per_minute, m.requests_per_minute),
-                cfg.limits,
-                budget,
-            ),
+            Client(session, endpoint_for(m.endpoint, keys[m.name]), limits_for(m), cfg.limits, budget),
             m.tokens_per_minute,
             f"endpoints[{n}]" if cfg.endpoints else "endpoint",
         )
@@ -358,21 +357,32 @@ class Pool:
         """The endpoint that admits the request first, and its booking there, paced and ready to send.
 
         Raises NotSent after ``stop_sending``, RunAborted when no endpoint is left."""
-        if len(self.members) == 1:
-            return await self._route_alone(plan, is_retry=is_retry)
-        tokens = plan.reserve_tokens
+        row_id, tokens = plan.task.row_id, plan.reserve_tokens
         offers: dict[Member, asyncio.Future[Reservation]] = {}
         try:
             while True:
-                self._check_sendable(plan)
+                if self._stopping.is_set():
+                    raise NotSent(row_id)
+                if self._aborted is not None:
+                    raise self._aborted
+                left = [m for m in self.members if m.out_because is None]
+                if not any(m.client.limits.admits(tokens) for m in left):
+                    raise ApiError(
+                        row_id,
+                        f"needs {tokens} tokens, more than the minute's budget of any endpoint left "
+                        f"({', '.join(m.name for m in left)}); not sent",
+                        status=None,
+                        kind=ErrorKind.OVER_BUDGET,
+                    )
                 now = self._loop.time()
                 for member in [m for m in offers if not m.takes_new(now)]:
                     member.client.limits.withdraw(offers.pop(member))
                 for member in self.members:
                     if member not in offers and member.takes_new(now) and member.client.limits.admits(tokens):
                         offers[member] = member.client.limits.offer(tokens, is_retry=is_retry)
-                waiting: list[asyncio.Future[Any]] = [*offers.values(), self._changed]
-                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if not any(offered.done() for offered in offers.values()):  # admitted at once: no loop trip
+                    waiting: list[asyncio.Future[Any]] = [*offers.values(), self._changed]
+                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 admitted = []
                 for member, offered in list(offers.items()):
                     if not offered.done():
@@ -398,38 +408,3 @@ class Pool:
         finally:
             for member, offered in offers.items():
                 member.client.limits.withdraw(offered)
-
-    async def _route_alone(self, plan: RequestPlan, *, is_retry: bool) -> tuple[Member, Reservation]:
-        """``_route`` for a pool of one endpoint: no offers to weigh, the request waits in its line."""
-        member = self.members[0]
-        limits = member.client.limits
-        self._check_sendable(plan)
-        offered = limits.offer(plan.reserve_tokens, is_retry=is_retry)
-        try:
-            reservation = await offered
-        except asyncio.CancelledError:
-            limits.withdraw(offered)
-            raise
-        except LimitsClosed:
-            raise self._aborted or NotSent(plan.task.row_id) from None
-        try:
-            return member, await limits.take(reservation)
-        except LimitsClosed:
-            raise self._aborted or NotSent(plan.task.row_id) from None
-
-    def _check_sendable(self, plan: RequestPlan) -> None:
-        """Raise what ends the row's wait for an endpoint: NotSent after ``stop_sending``, RunAborted when no
-        endpoint is left, ApiError when no endpoint left could ever admit the request."""
-        if self._stopping.is_set():
-            raise NotSent(plan.task.row_id)
-        if self._aborted is not None:
-            raise self._aborted
-        left = [m for m in self.members if m.out_because is None]
-        if not any(m.client.limits.admits(plan.reserve_tokens) for m in left):
-            raise ApiError(
-                plan.task.row_id,
-                f"needs {plan.reserve_tokens} tokens, more than the minute's budget of any endpoint left "
-                f"({', '.join(m.name for m in left)}); not sent",
-                status=None,
-                kind=ErrorKind.OVER_BUDGET,
-            )

@@ -13,8 +13,7 @@ shared quota and spend cap (``shared_quota.py``). For each block it:
 3. drops the block's journal and returns what it committed (``BlockDone``).
 
 A row not sent because the run is stopping (``NotSent``) or the cap is reached (``BudgetReached``) is left
-out of the part: the driver knows it from ``BlockDone.row_ids`` and leaves it for the next run. Nothing
-here imports Ray.
+out of the part: it is not committed, so the next run sends it. Nothing here imports Ray.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import asyncio
 import dataclasses
 import logging
 import os
-import random
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,11 +32,11 @@ import aiohttp
 
 from pipeline.budget import Budget
 from pipeline.captioner import Captioner, collect_garbage_less_often
-from pipeline.client import Client, endpoint_for, open_session
+from pipeline.client import open_session
 from pipeline.config import RunConfig
 from pipeline.images import image_threads
 from pipeline.journal import Journal
-from pipeline.pool import Member, Pool
+from pipeline.pool import Pool, open_pool
 from pipeline.pricing import Price
 from pipeline.records import (
     BudgetReached,
@@ -76,10 +74,6 @@ class BlockDone:
     results: tuple[VisionResult, ...]  # the committed rows
     stop: tuple[str, str] | None = None  # ("refused" | "config" | "budget", why): the run must stop
     counters: TransportCounters = field(default_factory=TransportCounters)  # this worker's, so far
-
-    @property
-    def row_ids(self) -> frozenset[str]:
-        return frozenset(result.task.row_id for result in self.results)
 
 
 def part_name(run_id: str, worker: int, incarnation: str, block: int) -> str:
@@ -142,17 +136,19 @@ class CaptionWorker:
             structured = load_structured(cfg)
             self._typed = () if structured is None else tuple(structured.columns)
             lim = cfg.limits
-            limits = SharedLimits(setup.quota, lim.tokens_per_minute, cfg.requests_per_minute)
             budget = (
                 Budget(None, setup.price)  # no cap: count only, no round trips
                 if setup.budget is None or lim.max_cost_usd is None or setup.price is None
                 else SharedBudget(setup.budget, lim.max_cost_usd, setup.price)
             )
             self._session = open_session(setup.concurrency)  # tells the keeper when each request is sent
-            endpoint = endpoint_for(cfg.endpoint, setup.key)
-            client = Client(self._session, endpoint, limits, lim, budget)
-            member = Member(cfg.endpoint.name, client, lim.tokens_per_minute)
-            self._client = Pool([member], lim, random.Random(), budget)  # one endpoint: see runner.run
+            self._client = open_pool(
+                cfg,
+                {cfg.endpoint.name: setup.key},
+                self._session,
+                budget,
+                limits_for=lambda m: SharedLimits(setup.quota, m.tokens_per_minute, m.requests_per_minute),
+            )
             pool = ThreadPoolExecutor(image_threads(cfg.images), thread_name_prefix="images")
             self._captioner = Captioner(
                 cfg,
@@ -206,6 +202,7 @@ class CaptionWorker:
             name=journal_name(setup.run_id, setup.worker, self.incarnation, block.number),
         )
         finished: list[VisionResult] = []
+        finished_rows: list[dict[str, Any]] = []  # their output rows, journalled and then committed
         stops: list[tuple[str, str]] = []
 
         async def caption(task: ImageTask) -> None:
@@ -226,8 +223,10 @@ class CaptionWorker:
                     stops.append(("config", str(err)))
                     client.stop_sending()
                     return
-            journal.append(result_to_row(result, setup.run_id))  # paid for: a kill from here loses nothing
+            row = result_to_row(result, setup.run_id)
+            journal.append(row)  # paid for: a kill from here loses nothing
             finished.append(result)
+            finished_rows.append(row)
 
         rows_done = asyncio.Event()
         try:
@@ -244,14 +243,13 @@ class CaptionWorker:
         part = None
         if finished:
             part = part_name(setup.run_id, setup.worker, self.incarnation, block.number)
-            await asyncio.to_thread(self._commit, part, finished)
+            await asyncio.to_thread(self._commit, part, finished, finished_rows)
         journal.committed(len(finished))
         journal.close(is_all_committed=True)
         stop = stops[0] if stops else None
         return BlockDone(block.number, self.incarnation, part, tuple(finished), stop, client.counters())
 
-    def _commit(self, part: str, results: list[VisionResult]) -> None:
-        rows = [result_to_row(result, self.setup.run_id) for result in results]
+    def _commit(self, part: str, results: list[VisionResult], rows: list[dict[str, Any]]) -> None:
         extras = dict.fromkeys(k for result in results for k in result.task.extra if k not in BASE_COLUMNS)
         write_new_part(self.setup.output, part, rows_to_table(rows, schema_with_extras(extras, self._typed)))
         log.info("committed %s: %d rows", part, len(rows))

@@ -142,7 +142,11 @@ class BatchApi:
                             async for chunk in resp.content.iter_chunked(DOWNLOAD_CHUNK_BYTES):
                                 await asyncio.to_thread(f.write, chunk)
                         return
-            except (aiohttp.ClientError, TimeoutError) as err:
+            except (
+                aiohttp.ClientError,
+                TimeoutError,
+                ValueError,
+            ) as err:  # ValueError: an error body not JSON
                 self._retry_or_raise_connection(err, f"download {file_id}", attempt)
             await self._sleep(attempt, None)
         raise AssertionError("unreachable")  # pragma: no cover

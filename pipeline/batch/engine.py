@@ -29,9 +29,12 @@ import random
 import shutil
 import time
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
 
 from pipeline.batch.api import BatchApi, BatchApiError
 from pipeline.batch.collect import collect_files
@@ -45,7 +48,7 @@ from pipeline.batch.ledger import (
     read_batch_status,
     rows_by_custom_id,
 )
-from pipeline.batch.lines import PackedFile, line_url
+from pipeline.batch.lines import PackedFile, PackedRow, line_url
 from pipeline.batch.planner import Planner
 from pipeline.batch.spend import BatchSpend
 from pipeline.client import backoff_s
@@ -62,7 +65,6 @@ from pipeline.summary import Tally
 
 log = logging.getLogger(__name__)
 
-TURBO_MODEL_PREFIXES = ("gpt-4-turbo", "gpt-4-vision", "gpt-4-1106-vision")  # no images in Azure Global Batch
 QUOTA_CODE = "token_limit_exceeded"
 METADATA_RUN, METADATA_FILE = "vision_pipeline_run", "vision_pipeline_file"
 ADOPT_MARGIN_S = 3600.0  # list jobs created this long before the oldest unmatched upload: clocks differ
@@ -101,8 +103,16 @@ class BatchEngine:
         self.last_seen: dict[str, dict[str, Any]] = read_batch_status(options.output)  # id → Batch object
         self.rng = random.Random()
 
-    def is_committed(self, row_id: str) -> bool:
-        return row_id in self.committed or row_id in self.prior
+    def uncommitted(self, rows: Sequence[PackedRow]) -> list[PackedRow]:
+        """`rows` committed neither before this run nor by it; the ids committed before are looked up in
+        one call for all of them (a lookup of one id in the IdSet costs as much as of a block)."""
+        ids = pa.array([row.task.row_id for row in rows], pa.string())
+        in_prior = self.prior.contains_each(ids).to_pylist()
+        return [
+            row
+            for row, is_prior in zip(rows, in_prior, strict=True)
+            if not is_prior and row.task.row_id not in self.committed
+        ]
 
     async def run(self) -> None:
         await asyncio.to_thread(_fresh_folder, self.folder)
@@ -180,7 +190,7 @@ class BatchEngine:
         state = self.ledger.state
         for entry in state.files.values():
             if state.is_holding(entry):
-                self.spend.hold_earlier(r for r in entry.rows if r.task.row_id not in self.prior)
+                self.spend.hold_earlier(self.uncommitted(entry.rows))
         if self.spend.held_usd and self.cfg.limits.max_cost_usd is not None:
             log.info(
                 "jobs submitted by an earlier run hold $%.4f of the $%.4f spend cap until collected",
@@ -399,7 +409,7 @@ class BatchEngine:
                 dest = self.folder / f"{entry.batch_id}-{key.removesuffix('_file_id')}.jsonl"
                 await self.api.download(str(file_id), dest)
                 downloads.append(dest)
-        rows = rows_by_custom_id(r for r in file_entry.rows if not self.is_committed(r.task.row_id))
+        rows = rows_by_custom_id(self.uncommitted(file_entry.rows))
         collected = await asyncio.to_thread(
             collect_files, downloads, rows, self.cfg, self.price, self.structured
         )
